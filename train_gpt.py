@@ -1,0 +1,1008 @@
+"""
+Shared-weight recurrent ("Universal") transformers for the OpenAI Parameter Golf challenge.
+
+With no environment overrides this trains the PR #1088 record configuration: one shared block
+(two attention sublayers, then a 3-layer relu^2 MLP) applied at every depth, with per-depth
+pre-norm biases, output scales and residual mixes, a depth schedule (2 then 6) whose every depth
+is compiled before the clock starts, noisy QAT, and an int8+zlib artifact scored by val_bpb.
+
+Launch: `torchrun --standalone --nproc_per_node=8 train_gpt.py`, or `python3 train_gpt.py` for one
+process (CUDA when present, else CPU with gloo; TORCH_COMPILE=0 skips compilation).
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import io
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Mapping, NamedTuple
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+class RunError(Exception):
+    """Bad input or a broken run; main() prints it as one line and exits non-zero."""
+
+
+# -----------------------------
+# HYPERPARAMETERS
+# -----------------------------
+# Every knob is an environment variable read here and nowhere else. Defaults are the PR #1088
+# record: 640 wide, 16 heads (8 KV), MLP x5 with 3 matrices, untied embeddings, vocab 1024,
+# seq 1024, 524,288 tokens/step, depth 2 from step 0 and depth 6 from step 2000.
+
+class Hyperparameters:
+    def __init__(self, env: Mapping[str, str] = os.environ):
+        self._env = env
+        # Data and run identity.
+        self.data_path = self._get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+        self.tokenizer_path = self._get("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.run_id = self._get("RUN_ID", str(uuid.uuid4()))
+        self.seed = self._get("SEED", 1337)
+
+        # Validation cadence and batch size. Validation always uses the full fineweb_val split.
+        self.val_batch_size = self._get("VAL_BATCH_SIZE", 524_288)
+        self.val_loss_every = self._get("VAL_LOSS_EVERY", 1000)
+        self.train_log_every = self._get("TRAIN_LOG_EVERY", 200)
+
+        # Training length.
+        self.iterations = self._get("ITERATIONS", 20000)
+        self.warmdown_iters = self._get("WARMDOWN_ITERS", 1200)
+        self.warmup_steps = self._get("WARMUP_STEPS", 20)
+        self.train_batch_tokens = self._get("TRAIN_BATCH_TOKENS", 524_288)
+        self.train_seq_len = self._get("TRAIN_SEQ_LEN", 1024)
+        self.max_wallclock_seconds = self._get("MAX_WALLCLOCK_SECONDS", 600.0)
+
+        # Model shape.
+        self.vocab_size = self._get("VOCAB_SIZE", 1024)
+        self.model_dim = self._get("MODEL_DIM", 640)
+        self.num_heads = self._get("NUM_HEADS", 16)
+        self.num_kv_heads = self._get("NUM_KV_HEADS", 8)
+        self.mlp_mult = self._get("MLP_MULT", 5.0)
+        self.mlp_layers = self._get("MLP_LAYERS", 3)
+        self.attn_per_block = self._get("ATTN_PER_BLOCK", 2)
+        self.norm_bias = self._get("NORM_BIAS", True)
+        self.tie_embeddings = self._get("TIE_EMBEDDINGS", False)
+        self.rope_base = self._get("ROPE_BASE", 10000.0)
+        self.logit_softcap = self._get("LOGIT_SOFTCAP", 30.0)
+        self.qk_gain_init = self._get("QK_GAIN_INIT", 1.5)
+        # "step:depth,..." -- depth of the shared block from each step on.
+        self.num_layer_schedule = self._get("NUM_LAYER_SCHEDULE", "0:2,2000:6")
+        self.noisy_qat = self._get("NOISY_QAT", True)
+
+        # Optimizer.
+        self.embed_lr = self._get("EMBED_LR", 0.6)
+        self.head_lr = self._get("HEAD_LR", 0.008)
+        self.tied_embed_lr = self._get("TIED_EMBED_LR", 0.05)
+        self.tied_embed_init_std = self._get("TIED_EMBED_INIT_STD", 0.005)
+        self.matrix_lr = self._get("MATRIX_LR", 0.04)
+        self.scalar_lr = self._get("SCALAR_LR", 0.04)
+        self.muon_momentum = self._get("MUON_MOMENTUM", 0.95)
+        self.muon_backend_steps = self._get("MUON_BACKEND_STEPS", 5)
+        self.muon_momentum_warmup_start = self._get("MUON_MOMENTUM_WARMUP_START", 0.85)
+        self.muon_momentum_warmup_steps = self._get("MUON_MOMENTUM_WARMUP_STEPS", 500)
+        self.beta1 = self._get("BETA1", 0.9)
+        self.beta2 = self._get("BETA2", 0.95)
+        self.adam_eps = self._get("ADAM_EPS", 1e-8)
+        self.grad_clip_norm = self._get("GRAD_CLIP_NORM", 0.0)
+
+        # System.
+        self.torch_compile = self._get("TORCH_COMPILE", True)
+        del self._env
+
+    def _get(self, name: str, default):
+        raw = self._env.get(name)
+        if raw is None:
+            return default
+        cast = (lambda s: bool(int(s))) if isinstance(default, bool) else type(default)
+        try:
+            return cast(raw)
+        except ValueError:
+            raise RunError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
+
+    @property
+    def train_files(self) -> str:
+        return os.path.join(self.data_path, "fineweb_train_*.bin")
+
+    @property
+    def val_files(self) -> str:
+        return os.path.join(self.data_path, "fineweb_val_*.bin")
+
+    @property
+    def layer_schedule(self) -> list[tuple[int, int]]:
+        return parse_layer_schedule(self.num_layer_schedule)
+
+    @property
+    def max_depth(self) -> int:
+        return max(depth for _, depth in self.layer_schedule)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Turn every bad combination into one RunError naming the variable."""
+        self.layer_schedule  # parses and validates
+        if self.model_dim % self.num_heads:
+            raise RunError(f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
+        if (self.model_dim // self.num_heads) % 2:
+            raise RunError(f"head dim MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even for RoPE")
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise RunError(f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        for name, value, low in (("MLP_LAYERS", self.mlp_layers, 2), ("ATTN_PER_BLOCK", self.attn_per_block, 1),
+                                 ("TRAIN_SEQ_LEN", self.train_seq_len, 1), ("VOCAB_SIZE", self.vocab_size, 2)):
+            if value < low:
+                raise RunError(f"{name}={value} must be at least {low}")
+        if int(self.mlp_mult * self.model_dim) < 1:
+            raise RunError(f"MLP_MULT={self.mlp_mult} gives an empty MLP")
+        if self.logit_softcap <= 0:
+            raise RunError(f"LOGIT_SOFTCAP={self.logit_softcap} must be positive")
+        if 8 % world_size and world_size % 8:
+            raise RunError(f"WORLD_SIZE={world_size} must divide 8 or be a multiple of 8")
+        per_micro_step = world_size * grad_accum_steps(world_size) * self.train_seq_len
+        if self.train_batch_tokens <= 0 or self.train_batch_tokens % per_micro_step:
+            raise RunError(
+                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} does not split into whole TRAIN_SEQ_LEN="
+                f"{self.train_seq_len} sequences over {world_size} rank(s) x {grad_accum_steps(world_size)} micro-steps"
+            )
+
+
+def grad_accum_steps(world_size: int) -> int:
+    # The global batch is that of 8 GPUs: fewer ranks accumulate, more (multi-node) split it.
+    return max(8 // world_size, 1)
+
+
+def parse_layer_schedule(text: str) -> list[tuple[int, int]]:
+    phases: list[tuple[int, int]] = []
+    for item in text.split(","):
+        try:
+            step, depth = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise RunError(f"NUM_LAYER_SCHEDULE={text!r}: {item!r} is not step:depth with integers") from None
+        if depth < 1:
+            raise RunError(f"NUM_LAYER_SCHEDULE={text!r}: depth {depth} must be at least 1")
+        if phases and step <= phases[-1][0]:
+            raise RunError(f"NUM_LAYER_SCHEDULE={text!r}: steps must increase ({step} after {phases[-1][0]})")
+        phases.append((step, depth))
+    if phases[0][0] != 0:
+        raise RunError(f"NUM_LAYER_SCHEDULE={text!r} must start with step 0")
+    return phases
+
+
+def depth_at(schedule: list[tuple[int, int]], step: int) -> int:
+    return [depth for start, depth in schedule if start <= step][-1]
+
+
+# -----------------------------
+# MUON OPTIMIZER
+# -----------------------------
+# From modded-nanogpt, as in the challenge baseline. Background: https://kellerjordan.github.io/posts/muon/
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 10, eps: float = 1e-7) -> Tensor:
+    # Quintic Newton-Schulz iteration that approximately orthogonalizes a 2D update in bf16.
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.bfloat16()
+    X /= X.norm() + eps
+    transposed = G.size(0) > G.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    # Each rank orthogonalizes every world_size-th matrix; one all-reduce shares the updates.
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world_size == rank and p.grad is not None:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
+                    g *= max(1, g.size(0) / g.size(1)) ** 0.5  # scale correction from the Muon reference
+                    updates[offset : offset + p.numel()] = g.reshape(-1)
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(updates, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                p.add_(updates[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+# -----------------------------
+# TOKENIZER-AGNOSTIC EVALUATION
+# -----------------------------
+# The score is bits per byte of the validation text, so any tokenizer can compete: a token's bytes
+# are the UTF-8 length of its piece without SentencePiece's "▁", plus one for that space unless the
+# previous token is a boundary (control/unknown/unused, e.g. BOS), where no space is printed.
+
+class ByteLUTs(NamedTuple):
+    base_bytes: Tensor  # int16 [vocab]
+    has_leading_space: Tensor  # bool [vocab]
+    is_boundary: Tensor  # bool [vocab]
+
+    def token_bytes(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
+        space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
+        return self.base_bytes[target_ids].to(torch.int32) + space.to(torch.int32)
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device: torch.device) -> ByteLUTs:
+    size = max(int(sp.vocab_size()), vocab_size)
+    base_bytes = np.zeros(size, dtype=np.int16)
+    has_space = np.zeros(size, dtype=np.bool_)
+    is_boundary = np.ones(size, dtype=np.bool_)
+    for i in range(int(sp.vocab_size())):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        is_boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("▁"):
+            has_space[i] = True
+            piece = piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return ByteLUTs(*(torch.tensor(a, device=device) for a in (base_bytes, has_space, is_boundary)))
+
+
+def load_validation_tokens(pattern: str, seq_len: int) -> Tensor:
+    # The challenge's validation split is the fixed first 50k documents, written to fineweb_val_*.
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise RunError(f"DATA_PATH has no validation shards matching {pattern}")
+    tokens = torch.cat([load_data_shard(Path(f)) for f in files])
+    usable = ((tokens.numel() - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise RunError(f"validation split ({tokens.numel()} tokens in {pattern}) is shorter than one "
+                       f"TRAIN_SEQ_LEN={seq_len} sequence")
+    return tokens[: usable + 1]
+
+
+def val_batch_seqs(args: Hyperparameters, world_size: int) -> int:
+    return max(args.val_batch_size // (world_size * grad_accum_steps(world_size) * args.train_seq_len), 1)
+
+
+def eval_val(model: nn.Module, args: Hyperparameters, depth: int, val_tokens: Tensor, luts: ByteLUTs,
+             rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+    """Mean next-token loss (nats) and val_bpb over non-overlapping TRAIN_SEQ_LEN windows."""
+    seq_len, batch = args.train_seq_len, val_batch_seqs(args, world_size)
+    total_seqs = (val_tokens.numel() - 1) // seq_len
+    first, last = total_seqs * rank // world_size, total_seqs * (rank + 1) // world_size
+    device = luts.base_bytes.device
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # nats, tokens, bytes
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(first, last, batch):
+            n = min(batch, last - start)
+            window = val_tokens[start * seq_len : (start + n) * seq_len + 1].to(device=device, dtype=torch.int64)
+            x, y = window[:-1].view(n, seq_len), window[1:].view(n, seq_len)
+            # The last batch is padded to the full shape so the compiled graph is reused, not rebuilt.
+            pad = batch - n
+            with autocast(device):
+                nats = model(F.pad(x, (0, 0, 0, pad)), F.pad(y, (0, 0, 0, pad)), depth)[:n]
+            sums += torch.stack([nats.double().sum(), torch.tensor(float(y.numel()), device=device),
+                                 luts.token_bytes(x, y).double().sum()])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    model.train(was_training)
+    nats, tokens, nbytes = sums.tolist()
+    return nats / tokens, nats / (math.log(2.0) * nbytes)
+
+
+# -----------------------------
+# QUANTIZATION AND EXPORT
+# -----------------------------
+# Training runs in fp32/bf16, but the artifact only has to be good enough after a roundtrip:
+# matrices become int8 codes with one fp16 scale per row, everything is zlib-compressed, and the
+# score is computed on the dequantized model. Small and per-depth control tensors stay float.
+
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "norm_bias", "q_gain")
+KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost more in scales/metadata than they save
+INT8_CLIP_Q = 0.9999984  # per-row clip percentile of |w| (the baseline's 99.99984th)
+QUANT_FORMAT = "int8_per_row_v1"
+SIZE_CAP_BYTES = 16_000_000
+
+
+def is_control(name: str) -> bool:
+    return any(pattern in name for pattern in CONTROL_PATTERNS)
+
+
+def int8_row_scale(w: Tensor) -> Tensor:
+    # One int8 step per row, for noisy QAT: the grid the export will round to, without clipping.
+    return w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+
+
+def quantize_tensor(t: Tensor) -> tuple[Tensor, Tensor]:
+    t = t.float()
+    if t.ndim == 2:
+        clip = torch.quantile(t.abs(), INT8_CLIP_Q, dim=1)
+        scale = (clip / 127.0).clamp_min(1.0 / 127.0)
+        q = torch.round(torch.clamp(t, -clip[:, None], clip[:, None]) / scale[:, None])
+        return q.clamp(-127, 127).to(torch.int8), scale.to(torch.float16)
+    clip = float(torch.quantile(t.abs().flatten(), INT8_CLIP_Q)) if t.numel() else 0.0
+    scale = torch.tensor(clip / 127.0 if clip > 0 else 1.0)
+    return torch.round(t.clamp(-clip, clip) / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_state_dict(state: dict[str, Tensor]) -> dict[str, object]:
+    quantized, scales, dtypes, passthrough = {}, {}, {}, {}
+    for name, tensor in state.items():
+        t = tensor.detach().cpu().contiguous()
+        if not t.is_floating_point():
+            passthrough[name] = t
+        elif t.numel() <= KEEP_FLOAT_MAX_NUMEL:
+            passthrough[name] = t.float() if is_control(name) else t.to(torch.float16)
+            dtypes[name] = str(t.dtype).removeprefix("torch.")
+        else:
+            quantized[name], scales[name] = quantize_tensor(t)
+            dtypes[name] = str(t.dtype).removeprefix("torch.")
+    return {"__quant_format__": QUANT_FORMAT, "quantized": quantized, "scales": scales,
+            "dtypes": dtypes, "passthrough": passthrough}
+
+
+def dequantize_state_dict(obj: dict[str, object]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for name, q in obj["quantized"].items():
+        s = obj["scales"][name].float()
+        s = s.view(-1, *([1] * (q.ndim - 1))) if s.ndim else s
+        out[name] = (q.float() * s).to(getattr(torch, obj["dtypes"][name]))
+    for name, t in obj["passthrough"].items():
+        out[name] = t.to(getattr(torch, obj["dtypes"][name])) if name in obj["dtypes"] else t
+    return out
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def serialize_artifact(state: dict[str, Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(quantize_state_dict(state), buf)
+    return zlib.compress(buf.getvalue(), level=9)
+
+
+def load_artifact(path: str) -> dict[str, Tensor]:
+    """Dequantized state dict from an artifact; anything but this script's format is refused."""
+    try:
+        obj = torch.load(io.BytesIO(zlib.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
+    except Exception as e:  # zlib, unpickling and weights_only errors alike
+        raise RunError(f"{path} is not a loadable artifact: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict) or obj.get("__quant_format__") != QUANT_FORMAT:
+        raise RunError(f"{path} is not a {QUANT_FORMAT} artifact")
+    return dequantize_state_dict(obj)
+
+
+# -----------------------------
+# DATA LOADING
+# -----------------------------
+# Shards: 256 little-endian int32 header (magic, version, token count), then uint16 tokens.
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def shard_token_count(file: Path) -> int:
+    """Token count from the header, after checking magic, version and the file size."""
+    header = np.fromfile(file, dtype="<i4", count=HEADER_INTS)
+    if header.size != HEADER_INTS or int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
+        raise RunError(f"{file} is not a shard: bad header (want magic {SHARD_MAGIC}, version {SHARD_VERSION})")
+    expected = 4 * HEADER_INTS + 2 * int(header[2])
+    if file.stat().st_size != expected:
+        raise RunError(f"{file} has {file.stat().st_size} bytes but its header promises {expected}")
+    return int(header[2])
+
+
+def load_data_shard(file: Path) -> Tensor:
+    n = shard_token_count(file)
+    return torch.from_numpy(np.fromfile(file, dtype="<u2", count=n, offset=4 * HEADER_INTS).astype(np.uint16))
+
+
+def train_shard_files(pattern: str) -> list[Path]:
+    files = [Path(p) for p in sorted(glob.glob(pattern))]
+    if not files:
+        raise RunError(f"DATA_PATH has no training shards matching {pattern}")
+    for f in files:
+        shard_token_count(f)
+    return files
+
+
+class TokenStream:
+    # Reads shards in order, forever. The next shard loads in a background thread so crossing a
+    # shard boundary never stalls the training step.
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.file_idx, self.pos = 0, 0
+        self.tokens = load_data_shard(files[0])
+        self.next_tokens = self.pool.submit(load_data_shard, files[1 % len(files)])
+
+    def _advance(self) -> None:
+        self.file_idx = (self.file_idx + 1) % len(self.files)
+        self.tokens, self.pos = self.next_tokens.result(), 0
+        self.next_tokens = self.pool.submit(load_data_shard, self.files[(self.file_idx + 1) % len(self.files)])
+
+    def take(self, n: int) -> Tensor:
+        chunks = []
+        while n > 0:
+            if self.pos >= self.tokens.numel():
+                self._advance()
+            k = min(n, self.tokens.numel() - self.pos)
+            chunks.append(self.tokens[self.pos : self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+class DistributedTokenLoader:
+    # Each micro-step takes one contiguous chunk of the stream and gives each rank a disjoint span,
+    # so any world size sees the same global batch. The extra token lets targets be inputs shifted.
+    def __init__(self, files: list[Path], rank: int, world_size: int, device: torch.device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.stream = TokenStream(files)
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)
+        local = chunk[self.rank * span : (self.rank + 1) * span].to(torch.int64)
+        if self.device.type == "cuda":
+            local = local.pin_memory()
+        local = local.to(self.device, non_blocking=True)
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+# -----------------------------
+# MODEL
+# -----------------------------
+# One shared block is applied `depth` times. What differs per depth (pre-norm biases, output
+# scales, residual mixes) lives in DepthControls, indexed by depth and passed in at call time:
+# never a flag flipped on the shared module, which torch.compile would constant-fold.
+
+class CastedLinear(nn.Linear):
+    # fp32 weights for the optimizer, cast to the activation dtype at matmul time. With `noisy`,
+    # uniform noise of one int8 step per row is added (PR #363 noisy QAT): the shared weights learn
+    # to tolerate the rounding the export applies, which recurrence would otherwise amplify.
+    def forward(self, x: Tensor, noisy: bool = False) -> Tensor:
+        w = self.weight
+        if noisy:
+            w = w + (torch.rand_like(w) - 0.5) * int8_row_scale(w)
+        return F.linear(x, w.to(x.dtype))
+
+
+def rms_norm(x: Tensor, bias: Tensor | None = None) -> Tensor:
+    x = F.rms_norm(x, (x.size(-1),))
+    return x if bias is None else x + bias.to(x.dtype)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos()[None, None], freqs.sin()[None, None]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    # GQA with RoPE, q/k RMSNorm and a learned per-head query gain, as in the baseline.
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        self.c_q = CastedLinear(dim, dim, bias=False)
+        self.c_k = CastedLinear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.proj = CastedLinear(dim, dim, bias=False)
+        self.proj._zero_init = True
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], noisy: bool) -> Tensor:
+        bsz, seq_len, dim = x.shape
+        q = self.c_q(x, noisy).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x, noisy).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x, noisy).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(rms_norm(q), *rope) * self.q_gain.to(x.dtype)[None, :, None, None]
+        k = apply_rotary(rms_norm(k), *rope)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim), noisy)
+
+
+class MLP(nn.Module):
+    # fc -> relu^2 -> (mid -> relu^2) x (layers - 2) -> proj. Two layers give the baseline MLP;
+    # PR #1088 uses three.
+    def __init__(self, dim: int, hidden: int, layers: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, hidden, bias=False)
+        self.mids = nn.ModuleList([CastedLinear(hidden, hidden, bias=False) for _ in range(layers - 2)])
+        self.proj = CastedLinear(hidden, dim, bias=False)
+        self.proj._zero_init = True
+
+    def forward(self, x: Tensor, noisy: bool) -> Tensor:
+        x = torch.relu(self.fc(x, noisy)).square()
+        for mid in self.mids:
+            x = torch.relu(mid(x, noisy)).square()
+        return self.proj(x, noisy)
+
+
+class DepthControl(NamedTuple):
+    resid_mix: Tensor  # [2, dim]: x <- mix[0] * x + mix[1] * x0
+    attn_norm_bias: Tensor | None  # [attn_per_block, dim]
+    attn_scale: Tensor  # [attn_per_block, dim]
+    mlp_norm_bias: Tensor | None  # [dim]
+    mlp_scale: Tensor  # [dim]
+
+
+class DepthControls(nn.Module):
+    # The per-depth parameters of the shared block, one row per depth. The pre-norm bias acts as a
+    # depth embedding; PR #1088's author found it is what makes one shared block work. Indexing a
+    # row keeps every parameter in the graph, so DDP sees no unused parameters at shallow depths.
+    def __init__(self, max_depth: int, attn_per_block: int, dim: int, norm_bias: bool):
+        super().__init__()
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(max_depth, dim), torch.zeros(max_depth, dim)], dim=1))
+        self.attn_scale = nn.Parameter(torch.ones(max_depth, attn_per_block, dim))
+        self.mlp_scale = nn.Parameter(torch.ones(max_depth, dim))
+        self.attn_norm_bias = nn.Parameter(torch.zeros(max_depth, attn_per_block, dim)) if norm_bias else None
+        self.mlp_norm_bias = nn.Parameter(torch.zeros(max_depth, dim)) if norm_bias else None
+
+    def at(self, depth: int) -> DepthControl:
+        bias = (lambda p: None if p is None else p[depth])
+        return DepthControl(self.resid_mix[depth], bias(self.attn_norm_bias), self.attn_scale[depth],
+                            bias(self.mlp_norm_bias), self.mlp_scale[depth])
+
+
+class SharedBlock(nn.Module):
+    # Residual mix with the embedding, ATTN_PER_BLOCK attention sublayers, then the MLP; each
+    # sublayer is pre-norm with the depth's bias and adds its output times the depth's scale.
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        dim = args.model_dim
+        self.attns = nn.ModuleList([CausalSelfAttention(dim, args.num_heads, args.num_kv_heads, args.qk_gain_init)
+                                    for _ in range(args.attn_per_block)])
+        self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_layers)
+
+    def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], noisy: bool) -> Tensor:
+        mix = c.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        for i, attn in enumerate(self.attns):
+            bias = None if c.attn_norm_bias is None else c.attn_norm_bias[i]
+            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, noisy)
+        return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias), noisy)
+
+
+class GPT(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.args = args
+        self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
+        self.block = SharedBlock(args)
+        self.controls = DepthControls(args.max_depth, args.attn_per_block, args.model_dim, args.norm_bias)
+        self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
+        if self.lm_head is not None:
+            self.lm_head._zero_init = True
+        if args.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=args.tied_embed_init_std)
+        for module in self.modules():
+            if getattr(module, "_zero_init", False):
+                nn.init.zeros_(module.weight)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int) -> Tensor:
+        """Per-position next-token loss in nats, shape [batch, seq], after `depth` shared-block passes."""
+        args = self.args
+        noisy = self.training and args.noisy_qat
+        x = x0 = rms_norm(self.tok_emb(input_ids))
+        rope = rotary_tables(input_ids.size(1), args.model_dim // args.num_heads, args.rope_base, input_ids.device)
+        for d in range(depth):
+            x = self.block(x, x0, self.controls.at(d), rope, noisy)
+        x = rms_norm(x)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
+        logits = args.logit_softcap * torch.tanh(logits.float() / args.logit_softcap)
+        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+
+
+# -----------------------------
+# TRAINING
+# -----------------------------
+
+def autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def setup_distributed() -> tuple[bool, int, int, torch.device]:
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if distributed:
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+    return distributed, rank, world_size, device
+
+
+def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
+    # Muon for the shared block's matrices; Adam for embeddings, head, gains and per-depth controls.
+    block_params = list(model.block.named_parameters())
+    matrices = [p for name, p in block_params if p.ndim == 2 and not is_control(name)]
+    scalars = [p for name, p in block_params if p.ndim != 2 or is_control(name)] + list(model.controls.parameters())
+    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=next(model.parameters()).is_cuda)
+    token_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
+    groups = [([model.tok_emb.weight], token_lr), (scalars, args.scalar_lr)]
+    if model.lm_head is not None:
+        groups.append(([model.lm_head.weight], args.head_lr))
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], **adam) for params, lr in groups
+    ]
+    muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps)
+    muon.param_groups[0]["base_lr"] = args.matrix_lr
+    return [muon] + optimizers
+
+
+class TrainClock:
+    """Training time and the wallclock warmdown, agreed by all ranks, read only at sync points.
+
+    An exact reading needs a device sync, and ranks must agree on when to stop and on the LR (or
+    their weights drift apart). So the clock is read, synchronized and all-reduced only at sync
+    points (log and validation steps, depth changes, and ever more often as the cap nears); in
+    between, time is extrapolated from the current depth phase's measured step time, identically
+    on every rank. Per-phase step time keeps the warmdown right when the depth jumps from 2 to 6.
+    """
+
+    def __init__(self, args: Hyperparameters, device: torch.device):
+        self.args, self.device = args, device
+        self.cap_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
+        self.local_ms, self.t0 = 0.0, 0.0  # this rank's time before the last resume()
+        self.elapsed_ms, self.sync_step = 0.0, 0  # agreed at the last sync point
+        self.phase_step, self.phase_ms, self.step_ms = 0, 0.0, None
+
+    def resume(self) -> None:
+        synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def measure(self, step: int, flag: Tensor) -> bool:
+        """Read and agree on the clock at `step`; returns the all-ranks OR of `flag`."""
+        synchronize(self.device)
+        self.local_ms += 1000.0 * (time.perf_counter() - self.t0)
+        self.t0 = time.perf_counter()
+        agreed = torch.stack([torch.tensor(self.local_ms, dtype=torch.float64, device=self.device), flag.double()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        self.elapsed_ms, flag_any = agreed.tolist()
+        self.sync_step = step
+        if step > self.phase_step:
+            self.step_ms = (self.elapsed_ms - self.phase_ms) / (step - self.phase_step)
+        return bool(flag_any)
+
+    def begin_phase(self, step: int, depth_ratio: float) -> None:
+        # Call right after measure(step). Until the new phase has timed steps, guess from the old one.
+        self.phase_step, self.phase_ms = step, self.elapsed_ms
+        if self.step_ms is not None:
+            self.step_ms *= depth_ratio
+
+    def estimate_ms(self, step: int) -> float:
+        return self.elapsed_ms + (step - self.sync_step) * (self.step_ms or 0.0)
+
+    def lr_mul(self, step: int) -> float:
+        args = self.args
+        if args.warmdown_iters <= 0:
+            return 1.0
+        if self.cap_ms is None:
+            return min(max((args.iterations - step) / args.warmdown_iters, 0.0), 1.0)
+        if self.step_ms is None:
+            return 1.0
+        remaining_ms = max(self.cap_ms - self.estimate_ms(step), 0.0)
+        return min(remaining_ms / (args.warmdown_iters * self.step_ms), 1.0)
+
+    def out_of_time(self) -> bool:
+        # Stop when the next step would end past the cap, so training time stays within it.
+        return self.cap_ms is not None and self.elapsed_ms + (self.step_ms or 0.0) > self.cap_ms
+
+    def next_sync(self, step: int) -> int:
+        if self.cap_ms is None or not self.step_ms:
+            return step + max(self.args.train_log_every, 1)
+        steps_left = (self.cap_ms - self.elapsed_ms) / self.step_ms
+        return step + int(min(max(steps_left / 2, 1), max(self.args.train_log_every, 1)))
+
+
+class Logger:
+    def __init__(self, run_id: str, master: bool):
+        self.master = master
+        self.path = f"logs/{run_id}.txt" if master else None
+        if master:
+            os.makedirs("logs", exist_ok=True)
+            print(self.path)
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            print(msg, file=f)
+
+
+def train_step(model: nn.Module, next_batch: Callable[[], tuple[Tensor, Tensor]], depth: int, accum: int,
+               device: torch.device, distributed: bool) -> Tensor:
+    """Forward/backward over `accum` micro-batches; returns the mean loss (on device, no sync)."""
+    total = torch.zeros((), device=device)
+    for micro in range(accum):
+        if distributed:
+            model.require_backward_grad_sync = micro == accum - 1
+        x, y = next_batch()
+        with autocast(device):
+            loss = model(x, y, depth).mean()
+        (loss / accum).backward()
+        total += loss.detach()
+    return total / accum
+
+
+def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimizers: list, args: Hyperparameters,
+                  world_size: int, device: torch.device, distributed: bool, log: Logger) -> None:
+    """Compile every scheduled depth (train and eval graphs) on synthetic tokens, then restore the
+    initial weights and optimizer state so measured training starts from the true init. Validation
+    data is never touched here."""
+    depths = sorted({depth for _, depth in args.layer_schedule})
+    accum = grad_accum_steps(world_size)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def synthetic(seqs: int) -> tuple[Tensor, Tensor]:
+        tokens = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len + 1), generator=gen).to(device)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
+    model_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    steps = max(args.warmup_steps, len(depths))
+    for i in range(steps):
+        train_step(model, lambda: synthetic(micro_seqs), depths[i % len(depths)], accum, device, distributed)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
+            log(f"warmup_step:{i + 1}/{steps}")
+    compiled.eval()
+    with torch.inference_mode(), autocast(device):
+        for depth in depths:
+            compiled(*synthetic(val_batch_seqs(args, world_size)), depth)
+    compiled.train()
+    base_model.load_state_dict(model_state)
+    for opt, state in zip(optimizers, opt_states):
+        opt.load_state_dict(state)
+    if distributed:
+        model.require_backward_grad_sync = True
+
+
+def main() -> None:
+    global zeropower_via_newtonschulz5
+    code = Path(__file__).read_text(encoding="utf-8")
+    args = Hyperparameters()
+    distributed, rank, world_size, device = setup_distributed()
+    args.validate(world_size)
+    master = rank == 0
+    log = Logger(args.run_id, master)
+    log(code, console=False)
+    log("=" * 100, console=False)
+    log(f"Running Python {sys.version}", console=False)
+    log(f"Running PyTorch {torch.__version__}", console=False)
+    if device.type == "cuda":
+        smi = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False)
+        log(smi.stdout, console=False)
+    log("=" * 100, console=False)
+    for name, value in sorted(vars(args).items()):
+        log(f"{name}:{value}", console=False)
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_flash_sdp(True)
+        for backend in (torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                        torch.backends.cuda.enable_math_sdp):
+            backend(False)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # Tokenizer, validation data and training shards are all checked before any expensive work.
+    if not Path(args.tokenizer_path).is_file():
+        raise RunError(f"TOKENIZER_PATH={args.tokenizer_path} does not exist")
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    if int(sp.vocab_size()) != args.vocab_size:
+        raise RunError(f"VOCAB_SIZE={args.vocab_size} does not match tokenizer vocab_size={int(sp.vocab_size())} "
+                       f"of TOKENIZER_PATH={args.tokenizer_path}")
+    train_files = train_shard_files(args.train_files)
+    val_tokens = load_validation_tokens(args.val_files, args.train_seq_len)
+    luts = build_byte_luts(sp, args.vocab_size, device)
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
+    log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(train_files)}")
+    log(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel() - 1}")
+
+    base_model = GPT(args).to(device)
+    if device.type == "cuda":
+        # As in the baseline: a bf16 embedding makes the residual stream bf16, halving its memory.
+        base_model.tok_emb.bfloat16()
+    if args.torch_compile:
+        torch._dynamo.config.recompile_limit = 64
+        zeropower_via_newtonschulz5 = torch.compile(zeropower_via_newtonschulz5)
+        compiled = torch.compile(base_model, dynamic=False, fullgraph=True)
+    else:
+        compiled = base_model
+    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False) if distributed else compiled
+    optimizers = build_optimizers(base_model, args)
+    accum = grad_accum_steps(world_size)
+    schedule = args.layer_schedule
+
+    log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
+    log(f"world_size:{world_size} grad_accum_steps:{accum}")
+    log(f"device:{device.type} compile:{args.torch_compile} autocast_bf16:{device.type == 'cuda'}")
+    log(f"attention_mode:gqa num_heads:{args.num_heads} num_kv_heads:{args.num_kv_heads} "
+        f"attn_per_block:{args.attn_per_block} mlp_layers:{args.mlp_layers} mlp_hidden:{int(args.mlp_mult * args.model_dim)}")
+    log(f"layer_schedule:{','.join(f'{s}:{d}' for s, d in schedule)} max_depth:{args.max_depth} "
+        f"noisy_qat:{args.noisy_qat} norm_bias:{args.norm_bias}")
+    log(f"tie_embeddings:{args.tie_embeddings} embed_lr:{args.tied_embed_lr if args.tie_embeddings else args.embed_lr} "
+        f"head_lr:{0.0 if args.tie_embeddings else args.head_lr} matrix_lr:{args.matrix_lr} scalar_lr:{args.scalar_lr}")
+    log(f"train_batch_tokens:{args.train_batch_tokens} train_seq_len:{args.train_seq_len} "
+        f"iterations:{args.iterations} warmup_steps:{args.warmup_steps} "
+        f"max_wallclock_seconds:{args.max_wallclock_seconds:.3f}")
+    log(f"seed:{args.seed}")
+
+    if args.warmup_steps > 0:
+        prime_compile(model, compiled, base_model, optimizers, args, world_size, device, distributed, log)
+    graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    loader = DistributedTokenLoader(train_files, rank, world_size, device)
+    local_tokens = args.train_batch_tokens // (world_size * accum)
+    next_batch = lambda: loader.next_batch(local_tokens, args.train_seq_len)
+    clock = TrainClock(args, device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    step, depth, stop, next_sync = 0, depth_at(schedule, 0), False, 1
+
+    def sync_clock() -> None:
+        if clock.measure(step, nonfinite):
+            raise RunError(f"training loss became NaN/inf by step {step}; stopping without an artifact "
+                           "(lower MATRIX_LR/EMBED_LR or set GRAD_CLIP_NORM)")
+
+    def log_phase_end() -> None:
+        steps = step - clock.phase_step
+        log(f"phase_end depth:{depth} steps:{steps} phase_step_avg:{(clock.elapsed_ms - clock.phase_ms) / max(steps, 1):.2f}ms")
+
+    log(f"layer_schedule_advance:step:0 active_num_layers:{depth}")
+    clock.resume()
+    while True:
+        last_step = step == args.iterations or stop
+        if depth_at(schedule, step) != depth and not last_step:
+            sync_clock()
+            log_phase_end()
+            new_depth = depth_at(schedule, step)
+            clock.begin_phase(step, new_depth / depth)
+            depth = new_depth
+            log(f"layer_schedule_advance:step:{step} active_num_layers:{depth}")
+            next_sync = step + 1
+        if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+            sync_clock()
+            val_loss, val_bpb = eval_val(compiled, args, depth, val_tokens, luts, rank, world_size)
+            log(f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / max(step, 1):.2f}ms")
+            clock.resume()
+        if last_step:
+            if stop and step < args.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms:.0f}ms step:{step}/{args.iterations}")
+            break
+
+        scale = clock.lr_mul(step)
+        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
+        optimizers[0].param_groups[0]["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        train_loss = train_step(model, next_batch, depth, accum, device, distributed)
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        nonfinite |= ~torch.isfinite(train_loss)
+        step += 1
+
+        log_now = args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0)
+        if log_now or step >= next_sync:
+            sync_clock()
+            stop = clock.out_of_time()
+            next_sync = clock.next_sync(step)
+            if log_now:
+                if distributed:
+                    dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
+                    train_loss /= world_size
+                log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
+                    f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / step:.2f}ms")
+
+    log_phase_end()
+    tokens_per_s = step * args.train_batch_tokens / max(clock.elapsed_ms / 1000.0, 1e-9)
+    log(f"train_summary steps:{step} train_time:{clock.elapsed_ms:.0f}ms tokens_per_s:{tokens_per_s:.0f}")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    log(f"compile_stats unique_graphs:{graphs} recompiles_after_warmup:{graphs - graphs_after_warmup}")
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB")
+
+    # Export: int8 + zlib, written atomically by rank 0, then every rank scores the roundtrip.
+    artifact = "final_model.int8.ptz"
+    if master:
+        blob = serialize_artifact(base_model.state_dict())
+        write_atomic(artifact, blob)
+        code_bytes, total = len(code.encode("utf-8")), len(blob) + len(code.encode("utf-8"))
+        log(f"Serialized model int8+zlib: {len(blob)} bytes (code:{code_bytes} bytes)")
+        log(f"Total submission size int8+zlib: {total} bytes")
+        verdict = f"OVER the cap by {total - SIZE_CAP_BYTES} bytes" if total > SIZE_CAP_BYTES else \
+            f"fits with {SIZE_CAP_BYTES - total} bytes to spare"
+        log(f"size_check: total:{total} cap:{SIZE_CAP_BYTES} {verdict}")
+    if distributed:
+        dist.barrier()
+    base_model.load_state_dict(load_artifact(artifact), strict=True)
+    synchronize(device)
+    t_eval = time.perf_counter()
+    q_loss, q_bpb = eval_val(compiled, args, depth, val_tokens, luts, rank, world_size)
+    synchronize(device)
+    log(f"final_int8_zlib_roundtrip val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} "
+        f"eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
+    log(f"final_int8_zlib_roundtrip_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f}")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
