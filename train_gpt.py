@@ -308,8 +308,7 @@ def eval_val(model: nn.Module, args: Hyperparameters, depth: int, val_tokens: Te
     with torch.inference_mode():
         for start in range(first, last, batch):
             n = min(batch, last - start)
-            window = val_tokens[start * seq_len : (start + n) * seq_len + 1].to(device=device, dtype=torch.int64)
-            x, y = window[:-1].view(n, seq_len), window[1:].view(n, seq_len)
+            x, y = inputs_and_targets(val_tokens[start * seq_len : (start + n) * seq_len + 1].to(device, torch.int64), seq_len)
             # The last batch is padded to the full shape so the compiled graph is reused, not rebuilt.
             pad = batch - n
             with autocast(device):
@@ -333,6 +332,7 @@ def eval_val(model: nn.Module, args: Hyperparameters, depth: int, val_tokens: Te
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "norm_bias", "q_gain")
 KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost more in scales/metadata than they save
 INT8_CLIP_Q = 0.9999984  # per-row clip percentile of |w| (the baseline's 99.99984th)
+INT8_MIN_SCALE = 1.0 / 127.0  # the baseline's floor on a row's step: rows with |w| < 1 share one grid
 QUANT_FORMAT = "int8_per_row_v1"
 SIZE_CAP_BYTES = 16_000_000
 
@@ -350,7 +350,7 @@ def quantize_tensor(t: Tensor) -> tuple[Tensor, Tensor]:
     t = t.float()
     if t.ndim == 2:
         clip = torch.quantile(t.abs(), INT8_CLIP_Q, dim=1)
-        scale = (clip / 127.0).clamp_min(1.0 / 127.0)
+        scale = (clip / 127.0).clamp_min(INT8_MIN_SCALE)
         q = torch.round(torch.clamp(t, -clip[:, None], clip[:, None]) / scale[:, None])
         return q.clamp(-127, 127).to(torch.int8), scale.to(torch.float16)
     clip = float(torch.quantile(t.abs().flatten(), INT8_CLIP_Q)) if t.numel() else 0.0
@@ -481,8 +481,12 @@ class DistributedTokenLoader:
         local = chunk[self.rank * span : (self.rank + 1) * span].to(torch.int64)
         if self.device.type == "cuda":
             local = local.pin_memory()
-        local = local.to(self.device, non_blocking=True)
-        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+        return inputs_and_targets(local.to(self.device, non_blocking=True), seq_len)
+
+
+def inputs_and_targets(tokens: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    # Targets are the inputs shifted by one; both are contiguous [n, seq_len] views of one span.
+    return tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
 
 
 # -----------------------------
@@ -793,8 +797,8 @@ def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimi
     gen = torch.Generator().manual_seed(args.seed)
 
     def synthetic(seqs: int) -> tuple[Tensor, Tensor]:
-        tokens = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len + 1), generator=gen).to(device)
-        return tokens[:, :-1], tokens[:, 1:]
+        tokens = torch.randint(0, args.vocab_size, (seqs * args.train_seq_len + 1,), generator=gen)
+        return inputs_and_targets(tokens.to(device), args.train_seq_len)
 
     micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
     model_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
