@@ -689,6 +689,9 @@ def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Opti
     return [muon] + optimizers
 
 
+MAX_SYNC_GAP = 100  # steps between clock readings (and NaN checks) at most; each costs one sync
+
+
 class TrainClock:
     """Training time and the wallclock warmdown, agreed by all ranks, read only at sync points.
 
@@ -749,10 +752,11 @@ class TrainClock:
         return self.cap_ms is not None and self.elapsed_ms + (self.step_ms or 0.0) > self.cap_ms
 
     def next_sync(self, step: int) -> int:
+        # Halve the gap to the cap each time, so the last steps are timed exactly.
         if self.cap_ms is None or not self.step_ms:
-            return step + max(self.args.train_log_every, 1)
+            return step + MAX_SYNC_GAP
         steps_left = (self.cap_ms - self.elapsed_ms) / self.step_ms
-        return step + int(min(max(steps_left / 2, 1), max(self.args.train_log_every, 1)))
+        return step + int(min(max(steps_left / 2, 1), MAX_SYNC_GAP))
 
 
 class Logger:

@@ -192,3 +192,5 @@ def test_clock_warmdown_follows_the_current_phase():
     assert capped.out_of_time()  # the next step would end past 10 s
     capped.elapsed_ms = 9900.0
     assert not capped.out_of_time() and capped.next_sync(1490) == 1494
+    capped.elapsed_ms = 1000.0
+    assert capped.next_sync(1490) == 1490 + train_gpt.MAX_SYNC_GAP
