@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO, TINY, run_script
 
 RUN = {**TINY, "ITERATIONS": "12", "NUM_LAYER_SCHEDULE": "0:1,6:2", "VAL_LOSS_EVERY": "6",
-       "TRAIN_LOG_EVERY": "1", "WARMUP_STEPS": "2", "MAX_WALLCLOCK_SECONDS": "0", "RUN_ID": "t"}
+       "TRAIN_LOG_EVERY": "1", "WARMUP_STEPS": "2", "MAX_WALLCLOCK_SECONDS": "0", "RUN_ID": "t",
+       "WARMDOWN_ITERS": "4"}
 
 
 def values(log: str, key: str) -> list[float]:
