@@ -68,7 +68,8 @@ def test_eval_val_matches_a_direct_computation(trained_tokenizer):
     luts = train_gpt.build_byte_luts(sp, 512, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     val = torch.randint(0, 512, (5 * args.train_seq_len + 1,), generator=g)
-    loss, bpb = train_gpt.eval_val(model, args, 3, val, luts)
+    loss, bpb = train_gpt.evaluate(model, val, luts, 3, args.train_seq_len, args.train_seq_len,
+                                   train_gpt.val_batch_seqs(args, 1))
     x, y = train_gpt.inputs_and_targets(val, args.train_seq_len)
     model.eval()
     with torch.no_grad():

@@ -12,7 +12,7 @@ from conftest import REPO, TINY, run_script
 
 RUN = {**TINY, "ITERATIONS": "12", "NUM_LAYER_SCHEDULE": "0:1,6:2", "VAL_LOSS_EVERY": "6",
        "TRAIN_LOG_EVERY": "1", "WARMUP_STEPS": "2", "MAX_WALLCLOCK_SECONDS": "0", "RUN_ID": "t",
-       "WARMDOWN_ITERS": "4"}
+       "WARMDOWN_ITERS": "4", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "64"}
 
 
 def values(log: str, key: str) -> list[float]:
@@ -41,8 +41,19 @@ def test_end_to_end_run(tmp_path, dataset):
     assert total == artifact.stat().st_size + code_bytes
     assert f"size_check: total:{total} cap:16000000 fits" in out
     pre_loss = values(out, "val_loss")[2]
-    exact = re.search(r"final_int8_zlib_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)", out)
-    assert abs(float(exact.group(1)) - pre_loss) < 0.01 and 0 < float(exact.group(2)) < 10
+    exact = re.search(r"final_int8_zlib_roundtrip_exact (val_loss:\S+ val_bpb:(\S+))", out)
+    assert abs(values(exact.group(0), "val_loss")[0] - pre_loss) < 0.01 and 0 < float(exact.group(2)) < 10
+    # The default stride is capped at the sequence length (32 here): sliding windows every 32 tokens
+    # are the plain evaluation, to the last digit.
+    assert f"final_sliding_window_exact stride:32 {exact.group(1)}" in out
+    ttt = re.search(r"^final_ttt_exact val_loss:\S+ val_bpb:(\S+)$", out, re.M)
+    compliance = re.search(r"^compliance train_time:(\d+)ms/600000ms:ok eval_time:(\d+)ms/600000ms:ok "
+                           r"\(final_int8_zlib_roundtrip:(\d+)ms final_sliding_window:(\d+)ms final_ttt:(\d+)ms\) "
+                           rf"artifact:{total}/16000000:ok val_tokens_trained_before_scoring:0 "
+                           r"score:final_ttt_exact val_bpb:(\S+)$", out, re.M)
+    assert ttt and compliance, out[-3000:]
+    assert compliance.group(6) == ttt.group(1)
+    assert int(compliance.group(2)) - sum(int(compliance.group(i)) for i in (3, 4, 5)) in (-2, -1, 0, 1, 2)
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path, dataset):
@@ -87,6 +98,9 @@ BAD = {
     "odd head dim": ({"MODEL_DIM": "36"}, "MODEL_DIM/NUM_HEADS"),
     "kv heads": ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS=3"),
     "batch split": ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS=1000"),
+    "stride over window": ({"EVAL_STRIDE": "33"}, "EVAL_STRIDE=33"),
+    "ttt mode": ({"TTT_MODE": "sgd"}, "TTT_MODE"),
+    "full ttt per doc": ({"TTT_MODE": "full", "TTT_RESET": "doc"}, "TTT_RESET=none"),
     "short validation": ({"TRAIN_SEQ_LEN": "262144", "TRAIN_BATCH_TOKENS": "2097152"}, "validation split"),
 }
 
