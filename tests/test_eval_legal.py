@@ -204,3 +204,16 @@ def test_two_gloo_ranks_give_the_same_totals(tmp_path):
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-6), key
     assert a["lora-doc"][0] != a["sliding"][0]  # TTT changed the scores
+
+
+@pytest.mark.parametrize("mode", ["lora-doc", "full-stream"])
+def test_sliding_and_ttt_capture_in_one_graph_each(luts, mode):
+    """The compiled evaluation paths (CUDA's) capture without graph breaks and give the eager scores."""
+    torch._dynamo.reset()
+    model = tiny_model(randomize=True)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    tokens = stream(400, doc_every=90)
+    args = tiny_args(**{"EVAL_STRIDE": "8", "TTT_CHUNK_TOKENS": "64", "TTT_LR": "0.05", **TTT_MODES[mode]})
+    for run in (lambda m: train_gpt.evaluate(m, tokens, luts, 3, SEQ, 8, 8),
+                lambda m: train_gpt.eval_ttt(m, model, args, 3, tokens, luts)):
+        assert run(compiled) == pytest.approx(run(model), rel=1e-6)
