@@ -1,0 +1,54 @@
+"""Score a finished run's artifact again with other evaluation settings, without retraining.
+
+    env <the run's model env> EVAL_STRIDE=256 TTT_ENABLED=1 python3 bench/eval_artifact.py final_model.int8.ptz
+
+The model shape comes from the environment (as for train_gpt.py), the depth from the last phase
+of NUM_LAYER_SCHEDULE. Prints, for the plain, sliding-window and (with TTT_ENABLED=1) TTT
+evaluations, val_loss, val_bpb, the wall time and the scored tokens per second. One process.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt  # noqa: E402
+
+
+def main(path: str) -> None:
+    args = train_gpt.Hyperparameters()
+    args.validate()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = train_gpt.GPT(args).to(device)
+    model.load_state_dict(train_gpt.load_artifact(path), strict=True)
+    val_tokens = train_gpt.load_validation_tokens(args.val_files, args.train_seq_len)
+    luts = train_gpt.build_byte_luts(spm.SentencePieceProcessor(model_file=args.tokenizer_path), args.vocab_size, device)
+    depth, n = args.layer_schedule[-1][1], val_tokens.numel() - 1
+    runs = {"plain": lambda: train_gpt.evaluate(model, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len,
+                                                train_gpt.val_batch_seqs(args, 1))}
+    if args.eval_stride:
+        runs[f"sliding stride:{args.eval_stride}"] = lambda: train_gpt.evaluate(
+            model, val_tokens, luts, depth, args.eval_seq_len, args.eval_stride, args.eval_batch_seqs)
+    if args.ttt_enabled:
+        runs[f"ttt {args.ttt_mode}/{args.ttt_reset}"] = lambda: train_gpt.eval_ttt(
+            model, model, args, depth, val_tokens, luts)
+    print(f"artifact:{path} depth:{depth} val_tokens:{n} device:{device.type}")
+    for name, run in runs.items():
+        t0 = time.perf_counter()
+        loss, bpb = run()
+        seconds = time.perf_counter() - t0
+        print(f"{name:24s} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{seconds * 1000:.0f}ms "
+              f"tokens_per_s:{n / seconds:.0f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    try:
+        main(sys.argv[1])
+    except train_gpt.RunError as e:
+        sys.exit(f"error: {e}")
