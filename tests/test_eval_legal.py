@@ -187,6 +187,9 @@ for name, env in {modes!r}.items():
     out[name] = train_gpt.eval_ttt(model, model, args, 3, tokens, luts, *((dist.get_rank(), 2) if distributed else ()))
 if not distributed or dist.get_rank() == 0:
     print(json.dumps(out))
+if distributed:
+    dist.barrier()  # no rank leaves while another may still be talking to it
+    dist.destroy_process_group()
 """
 
 
