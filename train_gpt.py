@@ -333,13 +333,14 @@ def val_batch_seqs(args: Hyperparameters, world_size: int) -> int:
 # baseline's evaluation; sliding windows (SlidingWindowEval record) score only the last `stride`
 # positions of each, with at least seq_len - stride tokens of context.
 
-def window_blocks(floor: int, first_pos: int, end: int, first: int, stride: int, seq_len: int) -> np.ndarray:
-    """[n, 3] windows (start, lo, hi) whose blocks cover positions [first_pos, end): the first block
-    `first` long, then `stride` each, the last one cut at `end`. Each block is scored by the window
-    that ends where it ends, starting no earlier than `floor` (a document's start, for TTT)."""
+def window_blocks(floor: int, first_pos: int, end: int, first: int, stride: int, seq_len: int,
+                  lane: int = 0) -> np.ndarray:
+    """[n, 4] windows (start, lo, hi, lane) whose blocks cover positions [first_pos, end): the first
+    block `first` long, then `stride` each, the last one cut at `end`. Each block is scored by the
+    window that ends where it ends, starting no earlier than `floor` (a document's start, for TTT)."""
     lo = np.concatenate([[first_pos], np.arange(first_pos + first, end, stride, dtype=np.int64)])
     hi = np.append(lo[1:], end)
-    return np.stack([np.maximum(floor, hi - seq_len), lo, hi], axis=1)
+    return np.stack([np.maximum(floor, hi - seq_len), lo, hi, np.full_like(lo, lane)], axis=1)
 
 
 def rank_share(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -360,21 +361,27 @@ def padded_rows(n: int, batch: int) -> int:
     return batch if n >= batch else 1 << (n - 1).bit_length()
 
 
+def window_forwards(model: nn.Module, tokens: Tensor, windows: np.ndarray, depth: int, seq_len: int, batch: int,
+                    lora: LoRA | None):
+    """For each batch of `windows` (rows start, lo, hi, lane): rows, inputs, targets, mask, positions
+    and the per-position nats, zero outside the scored positions."""
+    rows_per_batch = padded_rows(len(windows), batch)
+    for i in range(0, len(windows), rows_per_batch):
+        rows = torch.from_numpy(windows[i : i + rows_per_batch]).to(tokens.device)
+        rows = F.pad(rows, (0, 0, 0, rows_per_batch - rows.size(0)))  # padding rows score nothing
+        x, y, mask, pos = window_batch(tokens, rows, seq_len)
+        with autocast(tokens.device):
+            nats = model(x, y, depth, None if lora is None else lora.select(rows[:, 3]))
+        yield rows, x, y, mask, pos, torch.where(mask, nats.float(), 0.0)
+
+
 def eval_windows(model: nn.Module, tokens: Tensor, windows: np.ndarray, depth: int, seq_len: int, batch: int,
                  luts: ByteLUTs, lora: LoRA | None = None, per_position: Tensor | None = None) -> Tensor:
-    """Sums of (nats, tokens, bytes) over the scored positions of `windows` (rows start, lo, hi,
-    lane), under inference mode. `per_position`, if given, receives each scored position's nats."""
-    device = tokens.device
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
-    rows_per_batch = padded_rows(len(windows), batch)
+    """Sums of (nats, tokens, bytes) over the scored positions of `windows`, under inference mode.
+    `per_position`, if given, receives each scored position's nats."""
+    sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)
     with torch.inference_mode():
-        for i in range(0, len(windows), rows_per_batch):
-            rows = torch.from_numpy(windows[i : i + rows_per_batch]).to(device)
-            rows = F.pad(rows, (0, 0, 0, rows_per_batch - rows.size(0)))  # padding rows score nothing
-            x, y, mask, pos = window_batch(tokens, rows, seq_len)
-            with autocast(device):
-                nats = model(x, y, depth, None if lora is None else lora.select(rows[:, 3]))
-            nats = torch.where(mask, nats.float(), 0.0)
+        for _, x, y, mask, pos, nats in window_forwards(model, tokens, windows, depth, seq_len, batch, lora):
             sums += torch.stack([nats.double().sum(), mask.double().sum(),
                                  (luts.token_bytes(x, y) * mask).double().sum()])
             if per_position is not None:
@@ -394,7 +401,7 @@ def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, depth: int, s
     """Mean loss (nats) and val_bpb of the whole stream in seq_len windows every `stride` tokens
     (stride = seq_len: the baseline's non-overlapping evaluation), windows split across ranks."""
     n = val_tokens.numel() - 1
-    windows = np.pad(window_blocks(0, 0, n, seq_len, stride, seq_len), ((0, 0), (0, 1)))  # lane 0
+    windows = window_blocks(0, 0, n, seq_len, stride, seq_len)
     tokens = F.pad(val_tokens.to(luts.base_bytes.device, torch.int64), (0, seq_len))
     was_training = model.training
     model.eval()
@@ -446,15 +453,8 @@ def ttt_train_step(model: nn.Module, params: list[Tensor], tokens: Tensor, windo
                    depth: int, seq_len: int, batch: int, lora: LoRA | None) -> None:
     """Accumulate the gradient of the sum over lanes of each lane's mean loss on its windows
     (this rank's share), then sum it over ranks."""
-    device = tokens.device
-    rows_per_batch = padded_rows(len(windows), batch)
-    for i in range(0, len(windows), rows_per_batch):
-        rows = torch.from_numpy(windows[i : i + rows_per_batch]).to(device)
-        rows = F.pad(rows, (0, 0, 0, rows_per_batch - rows.size(0)))
-        x, y, mask, _ = window_batch(tokens, rows, seq_len)
-        with autocast(device):
-            nats = model(x, y, depth, None if lora is None else lora.select(rows[:, 3]))
-        (torch.where(mask, nats.float(), 0.0) / lane_counts[rows[:, 3], None]).sum().backward()
+    for rows, *_, nats in window_forwards(model, tokens, windows, depth, seq_len, batch, lora):
+        (nats / lane_counts[rows[:, 3], None]).sum().backward()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -473,7 +473,7 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
         segments, lanes = sorted(doc_segments(val_tokens), key=lambda s: s[0] - s[1]), args.ttt_batch_docs
     else:
         segments, lanes = [(0, n)], 1
-    full = args.ttt_mode == "full"
+    full, was_training = args.ttt_mode == "full", model.training
     snapshot = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     base_model.requires_grad_(full)
     model.eval()
@@ -490,8 +490,8 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
             opt = torch.optim.Adam(params, lr=args.ttt_lr, betas=(args.beta1, args.beta2), eps=TTT_ADAM_EPS)
         # Each lane's scoring windows, grouped by the chunk holding their first scored position.
         plans = []
-        for s0, s1 in group:
-            scored = window_blocks(s0, s0, s1, seq_len, stride, seq_len)
+        for lane, (s0, s1) in enumerate(group):
+            scored = window_blocks(s0, s0, s1, seq_len, stride, seq_len, lane)
             bounds = np.searchsorted((scored[:, 1] - s0) // chunk, np.arange((s1 - s0 - 1) // chunk + 2))
             plans.append((s0, s1, scored, bounds))
         for c in range((max(s1 - s0 for s0, s1 in group) - 1) // chunk + 1):
@@ -499,13 +499,12 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
             for lane, (s0, s1, scored, bounds) in enumerate(plans):
                 if c + 1 >= len(bounds):
                     continue  # this document has ended
-                score.append(np.pad(scored[bounds[c] : bounds[c + 1]], ((0, 0), (0, 1)), constant_values=lane))
+                score.append(scored[bounds[c] : bounds[c + 1]])
                 c0, c1 = s0 + c * chunk, min(s0 + (c + 1) * chunk, s1)
                 if c1 < s1:  # never after a document's (or the stream's) last chunk
                     if c1 > scored[bounds[c + 1] - 1, 2]:
                         raise RuntimeError(f"TTT would train on unscored positions {c0}..{c1}")
-                    train.append(np.pad(window_blocks(s0, c0, c1, seq_len, seq_len, seq_len), ((0, 0), (0, 1)),
-                                        constant_values=lane))
+                    train.append(window_blocks(s0, c0, c1, seq_len, seq_len, seq_len, lane))
             sums += eval_windows(model, tokens, rank_share(np.concatenate(score), rank, world_size), depth,
                                  seq_len, args.eval_batch_seqs, luts, lora, per_position)
             if not train:
@@ -523,7 +522,7 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
                 opt.zero_grad(set_to_none=True)
     base_model.load_state_dict(snapshot)
     base_model.requires_grad_(True)
-    model.train()
+    model.train(was_training)
     return loss_and_bpb(sums)
 
 
@@ -1139,6 +1138,10 @@ def main() -> None:
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     step, depth, stop, next_sync = 0, depth_at(schedule, 0), False, 1
 
+    def evaluate_plain() -> tuple[float, float]:  # the baseline's metric, at the current depth
+        return evaluate(compiled, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len,
+                        val_batch_seqs(args, world_size), rank, world_size)
+
     def sync_clock() -> None:
         if clock.measure(step, nonfinite):
             raise RunError(f"training loss became NaN/inf by step {step}; stopping without an artifact "
@@ -1162,8 +1165,7 @@ def main() -> None:
             next_sync = step + 1
         if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
             sync_clock()
-            val_loss, val_bpb = evaluate(compiled, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len,
-                                         val_batch_seqs(args, world_size), rank, world_size)
+            val_loss, val_bpb = evaluate_plain()
             log(f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / max(step, 1):.2f}ms")
             clock.resume()
@@ -1212,18 +1214,17 @@ def main() -> None:
     # Export: int8 + zlib, written atomically by rank 0, then every rank scores the roundtrip.
     artifact = "final_model.int8.ptz"
     if master:
-        blob = serialize_artifact(base_model.state_dict())
-        write_atomic(artifact, blob)
-        code_bytes, total = len(code.encode("utf-8")), len(blob) + len(code.encode("utf-8"))
-        log(f"Serialized model int8+zlib: {len(blob)} bytes (code:{code_bytes} bytes)")
-        log(f"Total submission size int8+zlib: {total} bytes")
-        verdict = f"OVER the cap by {total - SIZE_CAP_BYTES} bytes" if total > SIZE_CAP_BYTES else \
-            f"fits with {SIZE_CAP_BYTES - total} bytes to spare"
-        log(f"size_check: total:{total} cap:{SIZE_CAP_BYTES} {verdict}")
+        write_atomic(artifact, serialize_artifact(base_model.state_dict()))
     if distributed:
         dist.barrier()
+    model_bytes, code_bytes = os.path.getsize(artifact), len(code.encode("utf-8"))
+    total = model_bytes + code_bytes
+    log(f"Serialized model int8+zlib: {model_bytes} bytes (code:{code_bytes} bytes)")
+    log(f"Total submission size int8+zlib: {total} bytes")
+    verdict = f"OVER the cap by {total - SIZE_CAP_BYTES} bytes" if total > SIZE_CAP_BYTES else \
+        f"fits with {SIZE_CAP_BYTES - total} bytes to spare"
+    log(f"size_check: total:{total} cap:{SIZE_CAP_BYTES} {verdict}")
     base_model.load_state_dict(load_artifact(artifact), strict=True)
-    total = os.path.getsize(artifact) + len(code.encode("utf-8"))
 
     # Final evaluations of the dequantized artifact, each timed; the last one run is the score.
     eval_ms: dict[str, float] = {}
@@ -1238,9 +1239,7 @@ def main() -> None:
         log(f"{label}_exact {extra}val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
         return bpb
 
-    score = timed_eval("final_int8_zlib_roundtrip", lambda: evaluate(
-        compiled, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len, val_batch_seqs(args, world_size),
-        rank, world_size))
+    score = timed_eval("final_int8_zlib_roundtrip", evaluate_plain)
     if args.eval_stride:
         score = timed_eval("final_sliding_window", lambda: evaluate(
             compiled, val_tokens, luts, depth, args.eval_seq_len, args.eval_stride, args.eval_batch_seqs,
