@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import glob
 import io
+import lzma
 import math
 import os
 import random
@@ -84,7 +85,6 @@ class Hyperparameters:
         self.qk_gain_init = self._get("QK_GAIN_INIT", 1.5)
         # "step:depth,..." -- depth of the shared block from each step on.
         self.num_layer_schedule = self._get("NUM_LAYER_SCHEDULE", "0:2,2000:6")
-        self.noisy_qat = self._get("NOISY_QAT", True)
 
         # Optimizer.
         self.embed_lr = self._get("EMBED_LR", 0.6)
@@ -118,6 +118,23 @@ class Hyperparameters:
         self.ttt_steps = self._get("TTT_STEPS", 1)
         self.ttt_chunk_tokens = self._get("TTT_CHUNK_TOKENS", 256)
         self.ttt_batch_docs = self._get("TTT_BATCH_DOCS", 64)
+
+        # Export and QAT. Matrices become QUANT_BITS-bit codes (8, 7, 6 or 5) with one fp16 step per
+        # row, clipped at the baseline's percentile of |w| or, with MATRIX_CLIP_SIGMAS > 0, at that
+        # many row standard deviations (the records' SDClip); the token embedding and an untied head
+        # use EMBED_BITS and EMBED_CLIP_SIGMAS (EMBED_BITS=16 keeps them fp16). COMPRESSOR: zlib (level
+        # 9), zstd (level 22) or lzma. NOISY_QAT trains the shared block against that grid from
+        # QAT_START_FRAC of training on: uniform noise of one step (QAT_MODE=noise) or straight-through
+        # rounding (ste). EMA_DECAY > 0 exports an exponential moving average of the weights.
+        self.quant_bits = self._get("QUANT_BITS", 8)
+        self.embed_bits = self._get("EMBED_BITS", 8)
+        self.matrix_clip_sigmas = self._get("MATRIX_CLIP_SIGMAS", 0.0)
+        self.embed_clip_sigmas = self._get("EMBED_CLIP_SIGMAS", 0.0)
+        self.compressor = self._get("COMPRESSOR", "zlib")
+        self.noisy_qat = self._get("NOISY_QAT", True)
+        self.qat_mode = self._get("QAT_MODE", "noise")
+        self.qat_start_frac = self._get("QAT_START_FRAC", 0.0)
+        self.ema_decay = self._get("EMA_DECAY", 0.0)
 
         # System.
         self.torch_compile = self._get("TORCH_COMPILE", True)
@@ -170,9 +187,22 @@ class Hyperparameters:
             raise RunError(f"MLP_MULT={self.mlp_mult} gives an empty MLP")
         if self.eval_stride > self.eval_seq_len:
             raise RunError(f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}: tokens would go unscored")
-        for name, value, choices in (("TTT_MODE", self.ttt_mode, ("lora", "full")), ("TTT_RESET", self.ttt_reset, ("doc", "none"))):
+        for name, value, choices in (("TTT_MODE", self.ttt_mode, ("lora", "full")), ("TTT_RESET", self.ttt_reset, ("doc", "none")),
+                                     ("QUANT_BITS", self.quant_bits, (5, 6, 7, 8)), ("EMBED_BITS", self.embed_bits, (5, 6, 7, 8, 16)),
+                                     ("COMPRESSOR", self.compressor, COMPRESSORS), ("QAT_MODE", self.qat_mode, ("noise", "ste"))):
             if value not in choices:
-                raise RunError(f"{name}={value!r} must be one of {', '.join(choices)}")
+                raise RunError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
+        for name, value in (("QAT_START_FRAC", self.qat_start_frac), ("EMA_DECAY", self.ema_decay)):
+            if not 0.0 <= value < 1.0:
+                raise RunError(f"{name}={value} must be in [0, 1)")
+        for name, value in (("MATRIX_CLIP_SIGMAS", self.matrix_clip_sigmas), ("EMBED_CLIP_SIGMAS", self.embed_clip_sigmas)):
+            if value < 0:
+                raise RunError(f"{name}={value} must be 0 (percentile clip) or a positive number of standard deviations")
+        if self.compressor == "zstd":
+            try:
+                import zstandard  # noqa: F401
+            except ImportError:
+                raise RunError("COMPRESSOR=zstd needs the zstandard package: pip install zstandard") from None
         if self.ttt_mode == "full" and self.ttt_reset == "doc":
             raise RunError("TTT_MODE=full adapts one copy of the weights, so it needs TTT_RESET=none")
         if self.logit_softcap <= 0:
@@ -530,64 +560,106 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
 # QUANTIZATION AND EXPORT
 # -----------------------------
 # Training runs in fp32/bf16, but the artifact only has to be good enough after a roundtrip:
-# matrices become int8 codes with one fp16 scale per row, everything is zlib-compressed, and the
-# score is computed on the dequantized model. Small and per-depth control tensors stay float.
+# matrices become b-bit codes (stored in int8) with one fp16 step per row, the file is compressed,
+# and the score is computed on the dequantized model. Small and per-depth control tensors stay
+# float. QAT trains against the same grid: `quantize_rows` is the one definition of it.
 
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "norm_bias", "q_gain")
+EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight")
 KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost more in scales/metadata than they save
-INT8_CLIP_Q = 0.9999984  # per-row clip percentile of |w| (the baseline's 99.99984th)
-INT8_MIN_SCALE = 1.0 / 127.0  # the baseline's floor on a row's step: rows with |w| < 1 share one grid
-QUANT_FORMAT = "int8_per_row_v1"
+CLIP_Q = 0.9999984  # the baseline's per-row clip percentile of |w|
+QUANT_FORMAT = "per_row_v2"
 SIZE_CAP_BYTES = 16_000_000
 TIME_BUDGET_SECONDS = 600  # each of training and evaluation, on 8xH100
+COMPRESSORS = ("zlib", "zstd", "lzma")
 
 
 def is_control(name: str) -> bool:
     return any(pattern in name for pattern in CONTROL_PATTERNS)
 
 
-def int8_row_scale(w: Tensor) -> Tensor:
-    # One int8 step per row, for noisy QAT: the grid the export will round to, without clipping.
-    return w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
 
 
-def quantize_tensor(t: Tensor) -> tuple[Tensor, Tensor]:
-    t = t.float()
-    if t.ndim == 2:
-        clip = torch.quantile(t.abs(), INT8_CLIP_Q, dim=1)
-        scale = (clip / 127.0).clamp_min(INT8_MIN_SCALE)
-        q = torch.round(torch.clamp(t, -clip[:, None], clip[:, None]) / scale[:, None])
-        return q.clamp(-127, 127).to(torch.int8), scale.to(torch.float16)
-    clip = float(torch.quantile(t.abs().flatten(), INT8_CLIP_Q)) if t.numel() else 0.0
-    scale = torch.tensor(clip / 127.0 if clip > 0 else 1.0)
-    return torch.round(t.clamp(-clip, clip) / scale).clamp(-127, 127).to(torch.int8), scale
+def row_clip(w: Tensor, sigmas: float, exact: bool = True) -> Tensor:
+    """Per-row clip of |w| for a [rows, cols] `w`. With `sigmas`, that many row standard deviations:
+    the records' SDClip, a choice of step size (12.85 std is often wider than the row). Otherwise the
+    baseline's percentile of |w|, never below 1: rows of small weights share the grid of step 1/qmax
+    (the baseline's 1/127 at int8). QAT (exact=False) takes the row max for the percentile, which
+    below 625k columns lies between the two largest values, within 0.5% of the max."""
+    w = w.detach().float()
+    if sigmas > 0:
+        return sigmas * w.std(dim=1)
+    if not exact:
+        return w.abs().amax(dim=1).clamp_min(1.0)
+    rows_per_call = max(1, 2 ** 24 // w.size(1))  # torch.quantile's input limit
+    return torch.cat([torch.quantile(part.abs(), CLIP_Q, dim=1) for part in w.split(rows_per_call)]).clamp_min(1.0)
 
 
-def quantize_state_dict(state: dict[str, Tensor]) -> dict[str, object]:
-    quantized, scales, dtypes, passthrough = {}, {}, {}, {}
+def quantize_rows(w: Tensor, bits: int, clip: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes in [-qmax, qmax] (as floats) and the fp16 step of each row: w ~ codes * step."""
+    step = (clip / qmax(bits)).clamp_min(2.0 ** -24).half()  # an all-zero row still gets a step
+    codes = torch.round(w.float().clamp(-clip[:, None], clip[:, None]) / step.float()[:, None])
+    return codes.clamp(-qmax(bits), qmax(bits)), step
+
+
+def export_spec(name: str, t: Tensor, args: Hyperparameters) -> tuple[int, float] | None:
+    """(bits, clip sigmas) of a state-dict tensor, or None where it stays float."""
+    if not t.is_floating_point() or t.numel() <= KEEP_FLOAT_MAX_NUMEL or is_control(name):
+        return None
+    if name in EMBEDDING_NAMES:
+        return None if args.embed_bits == 16 else (args.embed_bits, args.embed_clip_sigmas)
+    return args.quant_bits, args.matrix_clip_sigmas
+
+
+def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters) -> dict[str, object]:
+    quantized, steps, bits, dtypes, passthrough = {}, {}, {}, {}, {}
     for name, tensor in state.items():
         t = tensor.detach().cpu().contiguous()
-        if not t.is_floating_point():
-            passthrough[name] = t
-        elif t.numel() <= KEEP_FLOAT_MAX_NUMEL:
-            passthrough[name] = t.float() if is_control(name) else t.to(torch.float16)
+        if t.is_floating_point():
             dtypes[name] = str(t.dtype).removeprefix("torch.")
-        else:
-            quantized[name], scales[name] = quantize_tensor(t)
-            dtypes[name] = str(t.dtype).removeprefix("torch.")
-    return {"__quant_format__": QUANT_FORMAT, "quantized": quantized, "scales": scales,
+        spec = export_spec(name, t, args)
+        if spec is None:
+            passthrough[name] = t.float() if is_control(name) else t.half() if t.is_floating_point() else t
+            continue
+        rows = t.reshape(-1, t.size(-1))
+        codes, steps[name] = quantize_rows(rows, spec[0], row_clip(rows, spec[1]))
+        quantized[name], bits[name] = codes.to(torch.int8).view_as(t), spec[0]
+    return {"__quant_format__": QUANT_FORMAT, "quantized": quantized, "steps": steps, "bits": bits,
             "dtypes": dtypes, "passthrough": passthrough}
 
 
 def dequantize_state_dict(obj: dict[str, object]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for name, q in obj["quantized"].items():
-        s = obj["scales"][name].float()
-        s = s.view(-1, *([1] * (q.ndim - 1))) if s.ndim else s
-        out[name] = (q.float() * s).to(getattr(torch, obj["dtypes"][name]))
+        w = q.float().reshape(-1, q.size(-1)) * obj["steps"][name].float()[:, None]
+        out[name] = w.view(q.shape).to(getattr(torch, obj["dtypes"][name]))
     for name, t in obj["passthrough"].items():
         out[name] = t.to(getattr(torch, obj["dtypes"][name])) if name in obj["dtypes"] else t
     return out
+
+
+def check_schema(obj: object) -> str | None:
+    """What is wrong with a loaded artifact object, or None when it is this script's format."""
+    keys = {"__quant_format__", "quantized", "steps", "bits", "dtypes", "passthrough"}
+    if not isinstance(obj, dict) or obj.get("__quant_format__") != QUANT_FORMAT:
+        return f"not a {QUANT_FORMAT} artifact"
+    if set(obj) != keys or not all(isinstance(obj[k], dict) for k in keys - {"__quant_format__"}):
+        return f"a {QUANT_FORMAT} artifact has exactly the entries {sorted(keys)}"
+    for name, q in obj["quantized"].items():
+        bits, step = obj["bits"].get(name), obj["steps"].get(name)
+        if not (isinstance(q, Tensor) and q.dtype == torch.int8 and q.ndim >= 1 and q.size(-1) > 0 and bits in (5, 6, 7, 8)
+                and isinstance(step, Tensor) and step.dtype == torch.float16 and step.shape == (q.numel() // q.size(-1),)):
+            return f"{name}: codes, bits and steps do not fit together"
+        if q.numel() and (q.min() < -qmax(bits) or q.max() > qmax(bits)):
+            return f"{name}: codes exceed the int{bits} range [-{qmax(bits)}, {qmax(bits)}]"
+    for name, dtype in obj["dtypes"].items():
+        if dtype not in ("float32", "bfloat16", "float16") or name not in obj["quantized"] and name not in obj["passthrough"]:
+            return f"{name}: unexpected dtype entry {dtype!r}"
+    if not all(isinstance(t, Tensor) for t in obj["passthrough"].values()):
+        return "passthrough entries must be tensors"
+    return None
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -597,21 +669,64 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def serialize_artifact(state: dict[str, Tensor]) -> bytes:
+def compress(data: bytes, compressor: str) -> bytes:
+    if compressor == "zstd":
+        import zstandard
+        return zstandard.ZstdCompressor(level=22).compress(data)
+    if compressor == "lzma":
+        return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    return zlib.compress(data, level=9)
+
+
+def decompress(data: bytes) -> bytes:
+    # The compressor is told by its magic bytes, so loading needs no settings.
+    if data.startswith(b"\x28\xb5\x2f\xfd"):
+        import zstandard
+        return zstandard.ZstdDecompressor().decompress(data)
+    if data.startswith(b"\xfd7zXZ\x00"):
+        return lzma.decompress(data)
+    return zlib.decompress(data)
+
+
+def format_name(args: Hyperparameters) -> str:
+    return f"int{args.quant_bits}+{args.compressor}"
+
+
+def serialize_artifact(state: dict[str, Tensor], args: Hyperparameters) -> bytes:
     buf = io.BytesIO()
-    torch.save(quantize_state_dict(state), buf)
-    return zlib.compress(buf.getvalue(), level=9)
+    torch.save(quantize_state_dict(state, args), buf)
+    return compress(buf.getvalue(), args.compressor)
 
 
 def load_artifact(path: str) -> dict[str, Tensor]:
     """Dequantized state dict from an artifact; anything but this script's format is refused."""
     try:
-        obj = torch.load(io.BytesIO(zlib.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
-    except Exception as e:  # zlib, unpickling and weights_only errors alike
+        obj = torch.load(io.BytesIO(decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
+    except Exception as e:  # decompression, unpickling and weights_only errors alike
         raise RunError(f"{path} is not a loadable artifact: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if not isinstance(obj, dict) or obj.get("__quant_format__") != QUANT_FORMAT:
-        raise RunError(f"{path} is not a {QUANT_FORMAT} artifact")
+    problem = check_schema(obj)
+    if problem:
+        raise RunError(f"{path}: {problem}")
     return dequantize_state_dict(obj)
+
+
+def estimate_artifact_bytes(state: dict[str, Tensor], args: Hyperparameters) -> int:
+    """What the compressed artifact of a trained model of this shape typically weighs. Codes are
+    costed by compressing those of Gaussian rows with std 0.25, whose percentile clip sits at the
+    floor of 1 (4 std): the PR #1088 int8+zlib artifact holds 7.04 bits per parameter, as such rows do."""
+    gaussian = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)) * 0.25
+    bits_per_code: dict[tuple[int, float], float] = {}
+    total = 4096.0  # torch.save's container and names
+    for name, t in state.items():
+        spec = export_spec(name, t, args)
+        if spec is None:
+            total += t.numel() * ((4 if is_control(name) else 2) if t.is_floating_point() else t.element_size())
+            continue
+        if spec not in bits_per_code:
+            codes, _ = quantize_rows(gaussian, spec[0], row_clip(gaussian, spec[1]))
+            bits_per_code[spec] = 8 * len(compress(codes.to(torch.int8).numpy().tobytes(), args.compressor)) / gaussian.numel()
+        total += t.numel() * bits_per_code[spec] / 8 + 2 * t.numel() // t.size(-1)  # codes + fp16 steps
+    return int(total)
 
 
 # -----------------------------
@@ -701,14 +816,26 @@ def inputs_and_targets(tokens: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
 # scales, residual mixes) lives in DepthControls, indexed by depth and passed in at call time:
 # never a flag flipped on the shared module, which torch.compile would constant-fold.
 
+class QAT(NamedTuple):
+    gate: Tensor  # 0.0 until QAT_START_FRAC, then 1.0: a tensor, so turning QAT on never recompiles
+    bits: int
+    sigmas: float
+    ste: bool
+
+
 class CastedLinear(nn.Linear):
-    # fp32 weights for the optimizer, cast to the activation dtype at matmul time. With `noisy`,
-    # uniform noise of one int8 step per row is added (PR #363 noisy QAT): the shared weights learn
-    # to tolerate the rounding the export applies, which recurrence would otherwise amplify.
-    def forward(self, x: Tensor, noisy: bool = False) -> Tensor:
+    # fp32 weights for the optimizer, cast to the activation dtype at matmul time. With `qat`, a
+    # weight the export will quantize sees its grid: uniform noise of one step per row (PR #363
+    # noisy QAT; the gradient reaches w unchanged) or the rounded weight with a straight-through
+    # gradient, so the shared weights learn to tolerate what recurrence would otherwise amplify.
+    def forward(self, x: Tensor, qat: QAT | None = None) -> Tensor:
         w = self.weight
-        if noisy:
-            w = w + (torch.rand_like(w) - 0.5) * int8_row_scale(w)
+        if qat is not None and w.numel() > KEEP_FLOAT_MAX_NUMEL:
+            clip = row_clip(w, qat.sigmas, exact=False)
+            codes, step = quantize_rows(w, qat.bits, clip)
+            step = step.float()[:, None]
+            delta = (codes * step - w).detach() if qat.ste else (torch.rand_like(w) - 0.5) * step
+            w = w + qat.gate * delta
         return F.linear(x, w.to(x.dtype))
 
 
@@ -750,16 +877,16 @@ class CausalSelfAttention(nn.Module):
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], noisy: bool,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qat: QAT | None,
                 lora_q: tuple[Tensor, Tensor] | None = None, lora_v: tuple[Tensor, Tensor] | None = None) -> Tensor:
         bsz, seq_len, dim = x.shape
-        q = add_lora(self.c_q(x, noisy), x, lora_q).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x, noisy).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = add_lora(self.c_v(x, noisy), x, lora_v).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = add_lora(self.c_q(x, qat), x, lora_q).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x, qat).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = add_lora(self.c_v(x, qat), x, lora_v).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(rms_norm(q), *rope) * self.q_gain.to(x.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), *rope)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim), noisy)
+        return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim), qat)
 
 
 class MLP(nn.Module):
@@ -772,11 +899,11 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, dim, bias=False)
         self.proj._zero_init = True
 
-    def forward(self, x: Tensor, noisy: bool) -> Tensor:
-        x = torch.relu(self.fc(x, noisy)).square()
+    def forward(self, x: Tensor, qat: QAT | None) -> Tensor:
+        x = torch.relu(self.fc(x, qat)).square()
         for mid in self.mids:
-            x = torch.relu(mid(x, noisy)).square()
-        return self.proj(x, noisy)
+            x = torch.relu(mid(x, qat)).square()
+        return self.proj(x, qat)
 
 
 class DepthControl(NamedTuple):
@@ -815,14 +942,14 @@ class SharedBlock(nn.Module):
                                     for _ in range(args.attn_per_block)])
         self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_layers)
 
-    def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], noisy: bool,
+    def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], qat: QAT | None,
                 lora: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
         mix = c.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         for i, attn in enumerate(self.attns):
             bias = None if c.attn_norm_bias is None else c.attn_norm_bias[i]
-            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, noisy, lora.get(f"q{i}"), lora.get(f"v{i}"))
-        return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias), noisy)
+            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, qat, lora.get(f"q{i}"), lora.get(f"v{i}"))
+        return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias), qat)
 
 
 class GPT(nn.Module):
@@ -835,6 +962,7 @@ class GPT(nn.Module):
         self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
+        self.register_buffer("qat_gate", torch.zeros(()), persistent=False)
         if args.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=args.tied_embed_init_std)
         for module in self.modules():
@@ -846,12 +974,13 @@ class GPT(nn.Module):
         """Per-position next-token loss in nats, shape [batch, seq], after `depth` shared-block passes
         (with TTT's per-sequence adapters when `lora` is given)."""
         args = self.args
-        noisy = self.training and args.noisy_qat
+        qat = QAT(self.qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode == "ste") \
+            if self.training and args.noisy_qat else None
         lora = lora or {}
         x = x0 = rms_norm(self.tok_emb(input_ids))
         rope = rotary_tables(input_ids.size(1), args.model_dim // args.num_heads, args.rope_base, input_ids.device)
         for d in range(depth):
-            x = self.block(x, x0, self.controls.at(d), rope, noisy, lora)
+            x = self.block(x, x0, self.controls.at(d), rope, qat, lora)
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         logits = add_lora(logits, x, lora.get("head"))
@@ -966,6 +1095,12 @@ class TrainClock:
         remaining_ms = max(self.cap_ms - self.estimate_ms(step), 0.0)
         return min(remaining_ms / (args.warmdown_iters * self.step_ms), 1.0)
 
+    def progress(self, step: int) -> float:
+        """Fraction of training done: of the wallclock cap when there is one, else of ITERATIONS."""
+        if self.cap_ms is None:
+            return step / max(self.args.iterations, 1)
+        return self.estimate_ms(step) / self.cap_ms
+
     def out_of_time(self) -> bool:
         # Stop when the next step would end past the cap, so training time stays within it.
         return self.cap_ms is not None and self.elapsed_ms + (self.step_ms or 0.0) > self.cap_ms
@@ -976,6 +1111,23 @@ class TrainClock:
             return step + MAX_SYNC_GAP
         steps_left = (self.cap_ms - self.elapsed_ms) / self.step_ms
         return step + int(min(max(steps_left / 2, 1), MAX_SYNC_GAP))
+
+
+class EMA:
+    """fp32 shadow of the parameters, updated after every step: shadow <- d * shadow + (1 - d) * w."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.params = decay, list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.float() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
 
 
 class Logger:
@@ -1114,12 +1266,20 @@ def main() -> None:
     schedule = args.layer_schedule
 
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
+    code_bytes = len(code.encode("utf-8"))
+    estimate = estimate_artifact_bytes(base_model.state_dict(), args) + code_bytes
+    verdict = "likely fits" if estimate < 0.95 * SIZE_CAP_BYTES else \
+        "WARNING: likely over the cap, lower QUANT_BITS/EMBED_BITS or the model size" if estimate > SIZE_CAP_BYTES else \
+        "WARNING: within 5% of the cap, the estimate may be off either way"
+    log(f"size_estimate {format_name(args)}: total:~{estimate} cap:{SIZE_CAP_BYTES} {verdict}")
     log(f"world_size:{world_size} grad_accum_steps:{accum}")
     log(f"device:{device.type} compile:{args.torch_compile} autocast_bf16:{device.type == 'cuda'}")
     log(f"attention_mode:gqa num_heads:{args.num_heads} num_kv_heads:{args.num_kv_heads} "
         f"attn_per_block:{args.attn_per_block} mlp_layers:{args.mlp_layers} mlp_hidden:{int(args.mlp_mult * args.model_dim)}")
     log(f"layer_schedule:{','.join(f'{s}:{d}' for s, d in schedule)} max_depth:{args.max_depth} "
-        f"noisy_qat:{args.noisy_qat} norm_bias:{args.norm_bias}")
+        f"norm_bias:{args.norm_bias}")
+    log(f"export:{format_name(args)} embed_bits:{args.embed_bits} clip_sigmas:{args.matrix_clip_sigmas},{args.embed_clip_sigmas} "
+        f"noisy_qat:{args.noisy_qat} qat_mode:{args.qat_mode} qat_start_frac:{args.qat_start_frac} ema_decay:{args.ema_decay}")
     log(f"tie_embeddings:{args.tie_embeddings} embed_lr:{args.tied_embed_lr if args.tie_embeddings else args.embed_lr} "
         f"head_lr:{0.0 if args.tie_embeddings else args.head_lr} matrix_lr:{args.matrix_lr} scalar_lr:{args.scalar_lr}")
     log(f"train_batch_tokens:{args.train_batch_tokens} train_seq_len:{args.train_seq_len} "
@@ -1130,13 +1290,14 @@ def main() -> None:
     if args.warmup_steps > 0:
         prime_compile(model, compiled, base_model, optimizers, args, world_size, device, distributed, log)
     graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    ema = EMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
 
     loader = DistributedTokenLoader(train_files, rank, world_size, device)
     local_tokens = args.train_batch_tokens // (world_size * accum)
     next_batch = lambda: loader.next_batch(local_tokens, args.train_seq_len)
     clock = TrainClock(args, device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    step, depth, stop, next_sync = 0, depth_at(schedule, 0), False, 1
+    step, depth, stop, next_sync, qat_on = 0, depth_at(schedule, 0), False, 1, False
 
     def evaluate_plain() -> tuple[float, float]:  # the baseline's metric, at the current depth
         return evaluate(compiled, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len,
@@ -1174,6 +1335,10 @@ def main() -> None:
                 log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms:.0f}ms step:{step}/{args.iterations}")
             break
 
+        if args.noisy_qat and not qat_on and clock.progress(step) >= args.qat_start_frac:
+            base_model.qat_gate.fill_(1.0)
+            qat_on = True
+            log(f"qat_start step:{step} mode:{args.qat_mode} grid:int{args.quant_bits}")
         scale = clock.lr_mul(step)
         frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
         optimizers[0].param_groups[0]["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -1187,6 +1352,8 @@ def main() -> None:
             opt.step()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
         nonfinite |= ~torch.isfinite(train_loss)
         step += 1
 
@@ -1211,19 +1378,32 @@ def main() -> None:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB")
 
-    # Export: int8 + zlib, written atomically by rank 0, then every rank scores the roundtrip.
-    artifact = "final_model.int8.ptz"
+    # The weights to export: the EMA's when on, its effect measured against the trained weights.
+    if ema is not None:
+        ema.copy_to_model()
+        raw_bpb, (val_loss, val_bpb) = val_bpb, evaluate_plain()
+        log(f"ema decay:{args.ema_decay} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} raw_val_bpb:{raw_bpb:.4f} "
+            f"delta_bpb:{val_bpb - raw_bpb:+.4f}")
+    log(f"final_prequant_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+
+    # Export, written atomically by rank 0 (the float weights too, for re-exporting in other
+    # formats), then every rank scores the roundtrip.
+    fmt = format_name(args)
+    artifact = f"final_model.int{args.quant_bits}.ptz"
     if master:
-        write_atomic(artifact, serialize_artifact(base_model.state_dict()))
+        buf = io.BytesIO()
+        torch.save(base_model.state_dict(), buf)
+        write_atomic("final_model.pt", buf.getvalue())
+        write_atomic(artifact, serialize_artifact(base_model.state_dict(), args))
     if distributed:
         dist.barrier()
-    model_bytes, code_bytes = os.path.getsize(artifact), len(code.encode("utf-8"))
+    model_bytes = os.path.getsize(artifact)
     total = model_bytes + code_bytes
-    log(f"Serialized model int8+zlib: {model_bytes} bytes (code:{code_bytes} bytes)")
-    log(f"Total submission size int8+zlib: {total} bytes")
+    log(f"Serialized model {fmt}: {model_bytes} bytes (code:{code_bytes} bytes)")
+    log(f"Total submission size {fmt}: {total} bytes")
     verdict = f"OVER the cap by {total - SIZE_CAP_BYTES} bytes" if total > SIZE_CAP_BYTES else \
         f"fits with {SIZE_CAP_BYTES - total} bytes to spare"
-    log(f"size_check: total:{total} cap:{SIZE_CAP_BYTES} {verdict}")
+    log(f"size_check: total:{total} cap:{SIZE_CAP_BYTES} estimate:{estimate} {verdict}")
     base_model.load_state_dict(load_artifact(artifact), strict=True)
 
     # Final evaluations of the dequantized artifact, each timed; the last one run is the score.
@@ -1239,7 +1419,9 @@ def main() -> None:
         log(f"{label}_exact {extra}val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
         return bpb
 
-    score = timed_eval("final_int8_zlib_roundtrip", evaluate_plain)
+    roundtrip = f"final_{fmt.replace('+', '_')}_roundtrip"
+    score = timed_eval(roundtrip, evaluate_plain)
+    log(f"quant_gap {fmt} val_bpb:{score - val_bpb:+.8f} (roundtrip minus pre-quant)")
     if args.eval_stride:
         score = timed_eval("final_sliding_window", lambda: evaluate(
             compiled, val_tokens, luts, depth, args.eval_seq_len, args.eval_stride, args.eval_batch_seqs,
@@ -1256,6 +1438,9 @@ def main() -> None:
         f"score:{list(eval_ms)[-1]}_exact val_bpb:{score:.8f}")
     if distributed:
         dist.destroy_process_group()
+    if total > SIZE_CAP_BYTES:
+        raise RunError(f"the artifact ({total} bytes with the code) is over the {SIZE_CAP_BYTES}-byte cap by "
+                       f"{total - SIZE_CAP_BYTES} bytes; everything was written, but it cannot be submitted")
 
 
 if __name__ == "__main__":

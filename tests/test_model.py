@@ -1,5 +1,5 @@
 """The PR #1088 architecture: parameter count, weight sharing, per-depth controls, compile
-behaviour across depths and noisy QAT."""
+behaviour across depths and QAT under compile."""
 from __future__ import annotations
 
 import pytest
@@ -77,37 +77,81 @@ def test_compile_every_depth_without_recompiles():
     assert counters["stats"]["unique_graphs"] == primed
 
 
-@pytest.mark.parametrize("compile_model", [False, True])
-def test_noisy_qat_only_in_training_forwards(compile_model):
+# Wide enough that the MLP matrices are quantized at export (more than 65,536 elements), so QAT
+# applies to them; the attention matrices (128x128) stay float in both.
+QAT_SHAPE = dict(MODEL_DIM="128", MLP_MULT="5", NUM_LAYER_SCHEDULE="0:2")
+
+
+def expected_step(w: torch.Tensor, bits: int, sigmas: float) -> torch.Tensor:
+    """One step of the export grid per row, from the definition: clip / (2^(bits-1) - 1), where the
+    clip is `sigmas` row stds, or else the row max but at least 1 (the baseline's int8 floor)."""
+    clip = sigmas * w.std(dim=1) if sigmas else torch.clamp(w.abs().amax(dim=1), min=1.0)
+    return (clip / (2 ** (bits - 1) - 1))[:, None]
+
+
+@pytest.mark.parametrize("compile_layer", [False, True])
+@pytest.mark.parametrize("bits,sigmas", [(8, 0.0), (6, 0.0), (5, 0.0), (6, 2.5)])
+def test_qat_noise_is_one_step_of_the_export_grid(bits, sigmas, compile_layer):
     torch._dynamo.reset()
-    model = tiny_model(randomize=True)
-    run = torch.compile(model, backend="eager", fullgraph=True) if compile_model else model
-    x, y = batch(model.args)
-    run.train()
-    train1, train2 = run(x, y, 3), run(x, y, 3)
-    run.eval()
-    with torch.inference_mode():
-        eval1, eval2 = run(x, y, 3), run(x, y, 3)
-    assert torch.equal(eval1, eval2)
-    assert not torch.equal(train1, train2)
-    assert not torch.equal(train1, eval1)
-    # Without QAT, a training forward is the deterministic eval forward.
-    clean = tiny_model(randomize=True, NOISY_QAT="0")
-    clean.train()
-    with torch.no_grad():
-        assert torch.equal(clean(x, y, 3), eval1)
-
-
-def test_qat_noise_is_within_one_int8_step_per_row():
     torch.manual_seed(0)
-    layer = train_gpt.CastedLinear(16, 8, bias=False)
-    eye = torch.eye(16)
-    noisy_w = layer(eye, noisy=True).T  # F.linear(I, W') = W'^T recovers the noisy weight
-    step = layer.weight.abs().amax(dim=1, keepdim=True) / 127
-    err = (noisy_w - layer.weight).abs()
-    assert (err <= step / 2 + 1e-7).all()
-    assert (err > 0).float().mean() > 0.9
-    assert torch.equal(layer(eye).T, layer.weight.detach())
+    layer = train_gpt.CastedLinear(300, 256, bias=False)
+    with torch.no_grad():  # row scales from 0.01 to 3: some rows use the clip floor, some do not
+        layer.weight.copy_(torch.randn(256, 300) * torch.linspace(0.01, 3, 256)[:, None])
+    gate = torch.zeros(())
+    call = lambda x, g: layer(x, train_gpt.QAT(g, bits, sigmas, False))
+    run = torch.compile(call, backend="aot_eager", fullgraph=True) if compile_layer else call
+    eye = torch.eye(300)
+    assert torch.equal(run(eye, gate).T, layer.weight.detach())  # gate 0: the float weight
+    gate.fill_(1.0)  # QAT starts without a recompile: the gate is data, not a flag
+    noise = (run(eye, gate).T - layer.weight).detach()  # F.linear(I, W') = W'^T recovers the weight
+    step = expected_step(layer.weight.detach(), bits, sigmas)
+    assert (noise.abs() <= step / 2 * 1.001).all()
+    ratio = (noise.abs() / step).mean(dim=1)  # uniform on [-1/2, 1/2): E|noise| = step / 4
+    assert ((ratio - 0.25).abs() < 0.04).all()
+
+
+@pytest.mark.parametrize("mode", ["noise", "ste"])
+def test_qat_runs_under_compile_and_turns_on_without_recompiling(mode):
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    model = tiny_model(randomize=True, QAT_MODE=mode, **QAT_SHAPE)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x, y = batch(model.args)
+    model.eval()
+    with torch.no_grad():
+        float_loss = model(x, y, 2)
+    compiled.train()
+    assert torch.equal(compiled(x, y, 2).detach(), float_loss)  # before QAT_START_FRAC: the float forward
+    graphs = counters["stats"]["unique_graphs"]
+    model.qat_gate.fill_(1.0)
+    first, second = compiled(x, y, 2).detach(), compiled(x, y, 2).detach()
+    assert counters["stats"]["unique_graphs"] == graphs
+    gap = (first - float_loss).abs().mean()
+    assert 1e-4 < gap < 0.05 * float_loss.mean()  # the grid's perturbation, not a different model
+    assert torch.equal(first, second) == (mode == "ste")  # noise is redrawn, rounding is not
+
+
+def test_ste_forward_is_the_exported_model_and_gradients_pass_straight_through():
+    # With the SDClip rule, QAT and export use the same clip, so the STE forward is exactly the
+    # forward of the roundtripped matrices, and its gradients are that model's gradients.
+    model = tiny_model(randomize=True, QAT_MODE="ste", MATRIX_CLIP_SIGMAS="3", QUANT_BITS="6", **QAT_SHAPE)
+    x, y = batch(model.args)
+    state = model.state_dict()
+    roundtrip = train_gpt.dequantize_state_dict(train_gpt.quantize_state_dict(state, model.args))
+    quantized = {name for name, t in state.items() if train_gpt.export_spec(name, t, model.args)}
+    matrices = {name for name in quantized if name.startswith("block.")}
+    assert matrices and all(".mlp." in name for name in matrices)
+    exported = tiny_model(randomize=True, **QAT_SHAPE)
+    exported.load_state_dict({**state, **{name: roundtrip[name] for name in matrices}})
+    exported.eval()
+    model.train()
+    model.qat_gate.fill_(1.0)
+    ste_loss, ref_loss = model(x, y, 2).mean(), exported(x, y, 2).mean()
+    assert torch.allclose(ste_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    ste_loss.backward()
+    ref_loss.backward()
+    for (name, p), q in zip(model.named_parameters(), exported.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6), name
 
 
 def test_depth_schedule_lookup():

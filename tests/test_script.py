@@ -39,7 +39,7 @@ def test_end_to_end_run(tmp_path, dataset):
     code_bytes = len((REPO / "train_gpt.py").read_bytes())
     total = int(re.search(r"Total submission size int8\+zlib: (\d+) bytes", out).group(1))
     assert total == artifact.stat().st_size + code_bytes
-    assert f"size_check: total:{total} cap:16000000 fits" in out
+    assert re.search(rf"^size_check: total:{total} cap:16000000 estimate:\d+ fits with {16_000_000 - total} bytes to spare$", out, re.M)
     pre_loss = values(out, "val_loss")[2]
     exact = re.search(r"final_int8_zlib_roundtrip_exact (val_loss:\S+ val_bpb:(\S+))", out)
     assert abs(values(exact.group(0), "val_loss")[0] - pre_loss) < 0.01 and 0 < float(exact.group(2)) < 10
