@@ -56,6 +56,61 @@ def test_end_to_end_run(tmp_path, dataset):
     assert int(compliance.group(2)) - sum(int(compliance.group(i)) for i in (3, 4, 5)) in (-2, -1, 0, 1, 2)
 
 
+def test_int6_zstd_run_with_late_ste_qat_and_ema(tmp_path, dataset):
+    # MLP matrices of 128 x 640 and 640 x 640 are quantized, so QAT and the int6 grid act on them.
+    env = {**dataset, **RUN, "TTT_ENABLED": "0", "MODEL_DIM": "128", "MLP_MULT": "5", "QUANT_BITS": "6",
+           "COMPRESSOR": "zstd", "QAT_MODE": "ste", "QAT_START_FRAC": "0.5", "EMA_DECAY": "0.5", "EVAL_STRIDE": "0"}
+    result = run_script(tmp_path, env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert re.search(r"^size_estimate int6\+zstd: total:~\d+ cap:16000000 likely fits$", out, re.M)
+    assert "export:int6+zstd embed_bits:8 clip_sigmas:0.0,0.0 noisy_qat:True qat_mode:ste qat_start_frac:0.5 ema_decay:0.5" in out
+    assert re.findall(r"^qat_start .*$", out, re.M) == ["qat_start step:6 mode:ste grid:int6"]
+    last_val = values(re.findall(r"^step:12/12 val_loss:.*$", out, re.M)[0], "val_bpb")[0]
+    ema = re.search(r"^ema decay:0.5 val_loss:\S+ val_bpb:(\S+) raw_val_bpb:(\S+) delta_bpb:(\S+)$", out, re.M)
+    assert float(ema.group(2)) == last_val and float(ema.group(1)) != last_val
+    assert float(ema.group(3)) == pytest.approx(float(ema.group(1)) - last_val, abs=2e-4)
+    pre = float(re.search(r"^final_prequant_exact val_loss:\S+ val_bpb:(\S+)$", out, re.M).group(1))
+    assert abs(pre - float(ema.group(1))) < 1e-4
+    post = float(re.search(r"^final_int6_zstd_roundtrip_exact val_loss:\S+ val_bpb:(\S+)$", out, re.M).group(1))
+    gap = float(re.search(r"^quant_gap int6\+zstd val_bpb:(\S+) \(roundtrip minus pre-quant\)$", out, re.M).group(1))
+    assert gap == pytest.approx(post - pre, abs=1e-7) and gap != 0
+    artifact = tmp_path / "final_model.int6.ptz"
+    assert artifact.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
+    total = int(re.search(r"Total submission size int6\+zstd: (\d+) bytes", out).group(1))
+    assert total == artifact.stat().st_size + len((REPO / "train_gpt.py").read_bytes())
+    assert (tmp_path / "final_model.pt").exists()
+    assert re.search(r"^compliance .* score:final_int6_zstd_roundtrip_exact val_bpb:", out, re.M)
+
+
+def test_over_cap_artifact_is_written_then_fails(tmp_path, dataset):
+    # A 4352-wide hidden layer of untrained weights, SDClip-quantized at 4 std, holds ~16 MB of
+    # codes. A short validation split keeps its evaluation cheap.
+    data = tmp_path / "data"
+    data.mkdir()
+    for shard in Path(dataset["DATA_PATH"]).glob("fineweb_train_*.bin"):
+        shutil.copy(shard, data / shard.name)
+    val = next(Path(dataset["DATA_PATH"]).glob("fineweb_val_*.bin")).read_bytes()
+    header = np.frombuffer(val[:1024], dtype="<i4").copy()
+    header[2] = 1025
+    (data / "fineweb_val_000000.bin").write_bytes(header.tobytes() + val[1024:1024 + 2 * 1025])
+    env = {**dataset, **RUN, "DATA_PATH": str(data), "ITERATIONS": "0", "WARMUP_STEPS": "0", "TTT_ENABLED": "0",
+           "EVAL_STRIDE": "0", "MODEL_DIM": "256", "MLP_MULT": "17", "NUM_LAYER_SCHEDULE": "0:1",
+           "MATRIX_CLIP_SIGMAS": "4"}
+    result = run_script(tmp_path, env)
+    assert result.returncode == 1
+    out = result.stdout
+    warning = re.search(r"^size_estimate int8\+zlib: total:~(\d+) cap:16000000 WARNING: likely over the cap", out, re.M)
+    assert warning and out.index(warning.group(0)) < out.index("step:0/0 val_loss")  # before training
+    total = int(re.search(r"Total submission size int8\+zlib: (\d+) bytes", out).group(1))
+    assert total > 16_000_000
+    assert f"size_check: total:{total} cap:16000000 estimate:{warning.group(1)} OVER the cap by {total - 16_000_000} bytes" in out
+    assert re.search(rf"^compliance .* artifact:{total}/16000000:OVER .* score:final_int8_zlib_roundtrip_exact", out, re.M)
+    assert (tmp_path / "final_model.int8.ptz").exists() and (tmp_path / "final_model.pt").exists()
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and f"over the 16000000-byte cap by {total - 16_000_000} bytes" in error
+
+
 def test_two_gloo_ranks_match_one_process(tmp_path, dataset):
     env = {**dataset, **RUN, "ITERATIONS": "4", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0"}
     (tmp_path / "one").mkdir()
@@ -101,6 +156,13 @@ BAD = {
     "stride over window": ({"EVAL_STRIDE": "33"}, "EVAL_STRIDE=33"),
     "ttt mode": ({"TTT_MODE": "sgd"}, "TTT_MODE"),
     "full ttt per doc": ({"TTT_MODE": "full", "TTT_RESET": "doc"}, "TTT_RESET=none"),
+    "quant bits": ({"QUANT_BITS": "4"}, "QUANT_BITS"),
+    "embed bits": ({"EMBED_BITS": "12"}, "EMBED_BITS"),
+    "compressor": ({"COMPRESSOR": "gzip"}, "COMPRESSOR"),
+    "qat mode": ({"QAT_MODE": "lsq"}, "QAT_MODE"),
+    "qat start": ({"QAT_START_FRAC": "1.5"}, "QAT_START_FRAC"),
+    "ema decay": ({"EMA_DECAY": "1"}, "EMA_DECAY"),
+    "clip sigmas": ({"MATRIX_CLIP_SIGMAS": "-1"}, "MATRIX_CLIP_SIGMAS"),
     "short validation": ({"TRAIN_SEQ_LEN": "262144", "TRAIN_BATCH_TOKENS": "2097152"}, "validation split"),
 }
 
