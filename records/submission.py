@@ -1,0 +1,376 @@
+"""Turn finished runs into a challenge submission: statistics, significance, folder, loss curves.
+
+    python3 records/submission.py stats logs/seed1.txt logs/seed2.txt logs/seed3.txt --beat 1.9500
+    python3 records/submission.py make logs/*.txt --name "Shared Block int6" --author "Ada" --github-id ada \\
+        --blurb "..." --beat 1.9500
+    python3 records/submission.py plot logs/*.txt -o loss_curve.png
+
+Each log is one run of train_gpt.py (logs/<RUN_ID>.txt, one per seed). The logs must embed the
+same code and the same configuration apart from SEED and RUN_ID; anything else is refused. `make`
+writes records/<track>/<YYYY-MM-DD>_<Name>/ with that train_gpt.py, train_seed<SEED>.log files,
+submission.json, a README with the per-seed table and, when matplotlib is installed, the loss
+curves. `--beat` takes the previous record's val_loss in nats: the challenge asks for a mean at
+least 0.005 nats lower at p < 0.01, tested here one-sided with the seeds as the sample.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import math
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+SEPARATOR = "=" * 100
+MARGIN_NATS = 0.005
+TRACKS = ("track_10min_16mb", "track_non_record_16mb")
+IGNORED_KEYS = ("seed", "run_id")  # may differ between the seeds of one submission
+
+
+class SubmissionError(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    path: Path
+    text: str
+    code: str
+    config: dict[str, str]
+    seed: int
+    fmt: str
+    score_label: str
+    val_loss: float
+    val_bpb: float
+    pre_quant_val_loss: float
+    pre_quant_val_bpb: float
+    roundtrip_val_bpb: float
+    bytes_total: int
+    bytes_code: int
+    steps: int
+    train_time_ms: int
+    eval_time_ms: int
+    train_ok: bool
+    eval_ok: bool
+    artifact_ok: bool
+    hardware: str
+
+
+def find(pattern: str, text: str, path: Path, what: str) -> re.Match:
+    matches = list(re.finditer(pattern, text, re.M))
+    if not matches:
+        raise SubmissionError(f"{path}: no {what} line; is this a finished train_gpt.py run?")
+    return matches[-1]
+
+
+def hardware_of(text: str) -> str:
+    """'8xNVIDIA H100 80GB HBM3' from the world size and nvidia-smi's table, else the device type."""
+    gpu = re.search(r"^\|\s+\d+\s+(NVIDIA [^|]*?)\s{2,}", text, re.M)
+    world = re.search(r"^world_size:(\d+) ", text, re.M)
+    device = re.search(r"^device:(\w+)", text, re.M)
+    name = gpu.group(1) if gpu else device.group(1) if device else "unknown"
+    return f"{world.group(1) if world else 1}x{name}"
+
+
+def parse_log(path: Path) -> Run:
+    text = path.read_text(encoding="utf-8")
+    parts = text.split(f"\n{SEPARATOR}\n")
+    if len(parts) < 3:
+        raise SubmissionError(f"{path}: not a train_gpt.py log (no embedded code and settings)")
+    code, config = parts[0], {}
+    for line in parts[2].splitlines():
+        if line.startswith("val_bpb:enabled"):
+            break
+        key, _, value = line.partition(":")
+        config[key] = value
+    fmt_line = find(r"^Serialized model (\S+): \d+ bytes \(code:(\d+) bytes\)$", text, path, "Serialized model")
+    fmt, bytes_code = fmt_line.group(1), int(fmt_line.group(2))
+    if len(code.encode("utf-8")) != bytes_code:
+        raise SubmissionError(f"{path}: the embedded code is {len(code.encode('utf-8'))} bytes, the run counted {bytes_code}")
+    compliance = find(r"^compliance train_time:(\d+)ms/\d+ms:(\w+) eval_time:(\d+)ms/\d+ms:(\w+) .* "
+                      r"artifact:(\d+)/\d+:(\w+) val_tokens_trained_before_scoring:0 score:(\S+)_exact val_bpb:(\S+)$",
+                      text, path, "compliance")
+    label = compliance.group(7)
+    score = find(rf"^{re.escape(label)}_exact (?:\S+ )?val_loss:(\S+) val_bpb:(\S+)$", text, path, f"{label}_exact")
+    pre = find(r"^final_prequant_exact val_loss:(\S+) val_bpb:(\S+)$", text, path, "final_prequant_exact")
+    roundtrip = find(rf"^final_{re.escape(fmt.replace('+', '_'))}_roundtrip_exact val_loss:\S+ val_bpb:(\S+)$",
+                     text, path, "roundtrip")
+    steps = find(r"^train_summary steps:(\d+) ", text, path, "train_summary")
+    if "seed" not in config:
+        raise SubmissionError(f"{path}: the settings block has no seed")
+    return Run(path=path, text=text, code=code, config=config, seed=int(config["seed"]), fmt=fmt, score_label=label,
+               val_loss=float(score.group(1)), val_bpb=float(score.group(2)), pre_quant_val_loss=float(pre.group(1)),
+               pre_quant_val_bpb=float(pre.group(2)), roundtrip_val_bpb=float(roundtrip.group(1)),
+               bytes_total=int(compliance.group(5)), bytes_code=bytes_code, steps=int(steps.group(1)),
+               train_time_ms=int(compliance.group(1)), eval_time_ms=int(compliance.group(3)),
+               train_ok=compliance.group(2) == "ok", eval_ok=compliance.group(4) == "ok",
+               artifact_ok=compliance.group(6) == "ok", hardware=hardware_of(text))
+
+
+def load_runs(paths: list[str]) -> list[Run]:
+    """Parse the logs and check that they are seeds of one submission."""
+    if not paths:
+        raise SubmissionError("give at least one run log")
+    runs = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise SubmissionError(f"{path}: no such log")
+        runs.append(parse_log(path))
+    first = runs[0]
+    strip = lambda config: {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+    for run in runs[1:]:
+        if run.code != first.code:
+            raise SubmissionError(f"{run.path} embeds different code than {first.path}")
+        a, b = strip(first.config), strip(run.config)
+        if a != b:
+            diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            raise SubmissionError(f"{run.path} and {first.path} differ in settings: {', '.join(diff)}")
+    seeds = [run.seed for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SubmissionError(f"a seed appears twice: {seeds}")
+    return sorted(runs, key=lambda run: run.seed)
+
+
+# ---- Student-t tail, for when scipy is not installed -------------------------------------------
+
+def regularized_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b) by its continued fraction (modified Lentz), as in Numerical Recipes' betai."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below this point
+        return 1.0 - regularized_beta(b, a, 1.0 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 10_000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * fraction / a
+
+
+def student_t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with `df` degrees of freedom."""
+    tail = 0.5 * regularized_beta(df / 2.0, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1.0 - tail
+
+
+def t_sf(t: float, df: float) -> float:
+    try:
+        from scipy.stats import t as student
+    except ImportError:
+        return student_t_sf(t, df)
+    return float(student.sf(t, df))
+
+
+def significance(losses: list[float], previous: float, margin: float = MARGIN_NATS) -> dict[str, float]:
+    """One-sided one-sample t-test of H1: mean(losses) < previous - margin."""
+    n = len(losses)
+    if n < 2:
+        raise SubmissionError("the significance test needs at least two seeds")
+    mean, sd = statistics.fmean(losses), statistics.stdev(losses)
+    target = previous - margin
+    if sd == 0:
+        t = math.inf if mean < target else -math.inf
+    else:
+        t = (target - mean) / (sd / math.sqrt(n))
+    p = 0.0 if t == math.inf else 1.0 if t == -math.inf else t_sf(t, n - 1)
+    return {"previous_val_loss": previous, "margin_nats": margin, "mean_val_loss": mean, "t": t, "df": n - 1, "p": p}
+
+
+# ---- reports -------------------------------------------------------------------------------------
+
+def summary(runs: list[Run], previous: float | None) -> dict:
+    mean = lambda f: statistics.fmean(f(r) for r in runs)
+    out = {
+        "val_loss": round(mean(lambda r: r.val_loss), 8), "val_bpb": round(mean(lambda r: r.val_bpb), 8),
+        "pre_quant_val_loss": round(mean(lambda r: r.pre_quant_val_loss), 8),
+        "pre_quant_val_bpb": round(mean(lambda r: r.pre_quant_val_bpb), 8),
+        "bytes_total": max(r.bytes_total for r in runs), "bytes_code": runs[0].bytes_code,
+        "seeds": [r.seed for r in runs],
+        "seed_results": {str(r.seed): {
+            "val_loss": r.val_loss, "val_bpb": r.val_bpb, "pre_quant_val_loss": r.pre_quant_val_loss,
+            "pre_quant_val_bpb": r.pre_quant_val_bpb, "roundtrip_val_bpb": r.roundtrip_val_bpb,
+            "bytes_total": r.bytes_total, "steps": r.steps, "train_time_ms": r.train_time_ms,
+            "eval_time_ms": r.eval_time_ms} for r in runs},
+        "val_bpb_std": round(statistics.stdev(r.val_bpb for r in runs), 8) if len(runs) > 1 else None,
+        "score": f"{runs[0].score_label}_exact", "export_format": runs[0].fmt, "hardware": runs[0].hardware,
+    }
+    if previous is not None:
+        out["significance"] = significance([r.val_loss for r in runs], previous)
+    return out
+
+
+def table(runs: list[Run], stats: dict) -> str:
+    head = ("| Seed | Steps | Pre-quant val_bpb | Roundtrip val_bpb | val_loss | val_bpb | Artifact bytes | Train s | Eval s |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = [f"| {r.seed} | {r.steps} | {r.pre_quant_val_bpb:.8f} | {r.roundtrip_val_bpb:.8f} | {r.val_loss:.8f} | "
+            f"{r.val_bpb:.8f} | {r.bytes_total:,} | {r.train_time_ms / 1000:.1f} | {r.eval_time_ms / 1000:.1f} |"
+            for r in runs]
+    rows.append(f"| **Mean** | | {stats['pre_quant_val_bpb']:.8f} | | {stats['val_loss']:.8f} | "
+                f"**{stats['val_bpb']:.8f}** | {stats['bytes_total']:,} (max) | | |")
+    return "\n".join([head, *rows])
+
+
+def significance_text(sig: dict | None) -> str:
+    if sig is None:
+        return "No significance test was asked for (`--beat PREVIOUS_VAL_LOSS`)."
+    verdict = "significant at p < 0.01" if sig["p"] < 0.01 else "NOT significant at p < 0.01"
+    return (f"One-sided t-test that the mean val_loss {sig['mean_val_loss']:.8f} is below the previous "
+            f"{sig['previous_val_loss']:.8f} by at least {sig['margin_nats']} nats: t = {sig['t']:.3f}, "
+            f"df = {sig['df']}, p = {sig['p']:.3g} ({verdict}).")
+
+
+def check_compliance(runs: list[Run], track: str) -> None:
+    for r in runs:
+        if not r.artifact_ok:
+            raise SubmissionError(f"{r.path}: the artifact ({r.bytes_total} bytes) is over the 16,000,000-byte cap")
+        if track == "track_10min_16mb" and not (r.train_ok and r.eval_ok):
+            raise SubmissionError(f"{r.path}: training or evaluation went over 600 s; "
+                                  "use --track track_non_record_16mb for an unlimited-compute run")
+
+
+def env_value(value: str) -> str:
+    return {"True": "1", "False": "0"}.get(value, value)
+
+
+def launch_command(code_path: Path, runs: list[Run]) -> str:
+    """torchrun command with the settings that differ from the script's defaults."""
+    spec = importlib.util.spec_from_file_location("submitted_train_gpt", code_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    defaults = {k: str(v) for k, v in vars(module.Hyperparameters({})).items()}
+    changed = [f"{k.upper()}={env_value(v)}" for k, v in sorted(runs[0].config.items())
+               if k not in IGNORED_KEYS and defaults.get(k) != v]
+    return " ".join(["SEED=<seed>", *changed, "torchrun --standalone --nproc_per_node=8 train_gpt.py"])
+
+
+def readme(name: str, blurb: str, runs: list[Run], stats: dict, command: str, has_plot: bool) -> str:
+    lines = [f"# {name}", "", blurb, "",
+             f"**val_bpb {stats['val_bpb']:.8f}**" + (f" (std {stats['val_bpb_std']:.8f})" if stats["val_bpb_std"] else "")
+             + f" over {len(runs)} seed(s); score `{stats['score']}`; artifact {stats['export_format']}, "
+             f"at most {stats['bytes_total']:,} bytes with {stats['bytes_code']:,} bytes of code; {stats['hardware']}.",
+             "", "## Results", "", table(runs, stats), "", significance_text(stats.get("significance")), ""]
+    if has_plot:
+        lines += ["![Training loss and validation bpb per seed](loss_curve.png)", ""]
+    lines += ["## Reproduce", "", "From this folder, with the challenge data in ./data:", "", "```bash", command, "```", "",
+              "## What changed and why", "", "(Describe the idea, the ablations behind it and what did not work.)", ""]
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], out: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SubmissionError("plotting needs matplotlib: python3 -m pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        train = re.findall(r"^step:(\d+)/\d+ train_loss:(\S+) ", r.text, re.M)
+        val = re.findall(r"^step:(\d+)/\d+ val_loss:\S+ val_bpb:(\S+) ", r.text, re.M)
+        ax_train.plot([int(s) for s, _ in train], [float(v) for _, v in train], label=f"seed {r.seed}")
+        ax_val.plot([int(s) for s, _ in val], [float(v) for _, v in val], marker="o", label=f"seed {r.seed}")
+    for ax, title in ((ax_train, "train_loss (nats)"), (ax_val, "val_bpb")):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def make(args: argparse.Namespace) -> Path:
+    runs = load_runs(args.logs)
+    check_compliance(runs, args.track)
+    stats = summary(runs, args.beat)
+    date = args.date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
+        raise SubmissionError(f"--date {date!r} is not YYYY-MM-DD")
+    folder = Path(args.root) / args.track / f"{date}_{slug(args.name)}"
+    if folder.exists():
+        raise SubmissionError(f"{folder} already exists")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (tmp / "train_gpt.py").write_text(runs[0].code, encoding="utf-8")
+        for r in runs:
+            shutil.copyfile(r.path, tmp / f"train_seed{r.seed}.log")
+        has_plot = True
+        try:
+            plot(runs, tmp / "loss_curve.png")
+        except SubmissionError as e:
+            print(f"note: no loss_curve.png, {e}")
+            has_plot = False
+        meta = {"author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
+                "date": date, "track": args.track, **stats}
+        (tmp / "submission.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        command = launch_command(tmp / "train_gpt.py", runs)
+        (tmp / "README.md").write_text(readme(args.name, args.blurb, runs, stats, command, has_plot), encoding="utf-8")
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    stats_p = sub.add_parser("stats", help="per-seed table and significance, nothing written")
+    make_p = sub.add_parser("make", help="write records/<track>/<date>_<Name>/")
+    plot_p = sub.add_parser("plot", help="loss curves of the logs as a PNG")
+    for p in (stats_p, make_p, plot_p):
+        p.add_argument("logs", nargs="+", help="train_gpt.py logs, one per seed")
+    for p in (stats_p, make_p):
+        p.add_argument("--beat", type=float, help="previous record's val_loss (nats) to beat by 0.005")
+    make_p.add_argument("--name", required=True)
+    make_p.add_argument("--author", required=True)
+    make_p.add_argument("--github-id", required=True)
+    make_p.add_argument("--blurb", default="")
+    make_p.add_argument("--track", choices=TRACKS, default=TRACKS[0])
+    make_p.add_argument("--date", help="YYYY-MM-DD, default today (UTC)")
+    make_p.add_argument("--root", default=str(Path(__file__).resolve().parent), help="records folder")
+    plot_p.add_argument("-o", "--out", default="loss_curve.png")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "plot":
+            plot(load_runs(args.logs), Path(args.out))
+            print(args.out)
+            return
+        if args.command == "stats":
+            runs = load_runs(args.logs)
+            stats = summary(runs, args.beat)
+            print(table(runs, stats))
+            print(significance_text(stats.get("significance")))
+            return
+        print(make(args))
+    except SubmissionError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

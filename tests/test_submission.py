@@ -1,0 +1,174 @@
+"""records/submission.py: real run logs in, a submission folder out; refusals; the t-test."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import re
+import statistics
+import sys
+
+import pytest
+
+from conftest import REPO, TINY, run_script
+
+spec = importlib.util.spec_from_file_location("submission", REPO / "records" / "submission.py")
+submission = importlib.util.module_from_spec(spec)
+sys.modules["submission"] = submission  # dataclasses look their module up by name
+spec.loader.exec_module(submission)
+
+RUN = {**TINY, "ITERATIONS": "6", "NUM_LAYER_SCHEDULE": "0:1,3:2", "VAL_LOSS_EVERY": "3", "TRAIN_LOG_EVERY": "1",
+       "MAX_WALLCLOCK_SECONDS": "0", "WARMDOWN_ITERS": "2", "QUANT_BITS": "6", "COMPRESSOR": "zstd", "EVAL_STRIDE": "16"}
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory, dataset):
+    """Two seeds of one tiny configuration, run for real."""
+    root = tmp_path_factory.mktemp("runs")
+    paths = []
+    for seed in (7, 11):
+        result = run_script(root, {**dataset, **RUN, "SEED": str(seed), "RUN_ID": f"seed{seed}"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        paths.append(root / "logs" / f"seed{seed}.txt")
+    return paths
+
+
+def last(pattern: str, text: str) -> re.Match:
+    return list(re.finditer(pattern, text, re.M))[-1]
+
+
+def test_make_writes_a_folder_that_matches_the_logs(tmp_path, logs):
+    folder = submission.make(argparse.Namespace(
+        logs=[str(p) for p in logs[::-1]], name="Tiny Shared Block: int6", author="A. Person", github_id="aperson",
+        blurb="A test.", track="track_10min_16mb", date="2026-11-25", root=str(tmp_path), beat=None))
+    assert folder == tmp_path / "track_10min_16mb" / "2026-11-25_Tiny_Shared_Block_int6"
+    assert (folder / "train_gpt.py").read_bytes() == (REPO / "train_gpt.py").read_bytes()
+    meta = json.loads((folder / "submission.json").read_text())
+    assert meta["seeds"] == [7, 11] and meta["track"] == "track_10min_16mb" and meta["author"] == "A. Person"
+    per_seed = {}
+    for seed, path in zip((7, 11), logs):
+        text = path.read_text()
+        assert (folder / f"train_seed{seed}.log").read_text() == text
+        score = last(r"^final_sliding_window_exact stride:16 val_loss:(\S+) val_bpb:(\S+)$", text)
+        pre = last(r"^final_prequant_exact val_loss:(\S+) val_bpb:(\S+)$", text)
+        total = int(last(r"^Total submission size int6\+zstd: (\d+) bytes$", text).group(1))
+        got = meta["seed_results"][str(seed)]
+        assert (got["val_loss"], got["val_bpb"]) == (float(score.group(1)), float(score.group(2)))
+        assert (got["pre_quant_val_loss"], got["pre_quant_val_bpb"]) == (float(pre.group(1)), float(pre.group(2)))
+        assert got["bytes_total"] == total and got["steps"] == 6
+        per_seed[seed] = got
+    bpbs = [per_seed[s]["val_bpb"] for s in (7, 11)]
+    assert meta["val_bpb"] == pytest.approx(sum(bpbs) / 2, abs=1e-8)
+    assert meta["val_bpb_std"] == pytest.approx(abs(bpbs[0] - bpbs[1]) / math.sqrt(2), abs=1e-8)
+    assert meta["bytes_total"] == max(per_seed[s]["bytes_total"] for s in (7, 11))
+    assert meta["bytes_code"] == len((REPO / "train_gpt.py").read_bytes())
+    assert meta["score"] == "final_sliding_window_exact" and meta["export_format"] == "int6+zstd"
+    assert meta["hardware"] == "1xcpu"
+    readme = (folder / "README.md").read_text()
+    assert "| 7 | 6 |" in readme and "| 11 | 6 |" in readme
+    command = re.search(r"^SEED=<seed> .* torchrun --standalone --nproc_per_node=8 train_gpt.py$", readme, re.M).group(0)
+    for setting in ("MODEL_DIM=32", "QUANT_BITS=6", "COMPRESSOR=zstd", "TORCH_COMPILE=0", "NUM_LAYER_SCHEDULE=0:1,3:2"):
+        assert setting in command.split()
+    assert "SEED=7" not in command and "RUN_ID" not in command and "NOISY_QAT" not in command  # defaults stay out
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary leftovers
+    with pytest.raises(submission.SubmissionError, match="already exists"):
+        submission.make(argparse.Namespace(
+            logs=[str(logs[0])], name="Tiny Shared Block: int6", author="A", github_id="a", blurb="",
+            track="track_10min_16mb", date="2026-11-25", root=str(tmp_path), beat=None))
+
+
+def test_every_setting_is_named_after_its_environment_variable():
+    # The launch command maps a logged setting `name` back to the variable NAME.
+    pairs = re.findall(r"self\.(\w+) = self\._get\(\"(\w+)\"", (REPO / "train_gpt.py").read_text())
+    assert len(pairs) > 50 and all(attr.upper() == env for attr, env in pairs)
+
+
+def edited(tmp_path, path, old: str, new: str, name: str):
+    text = path.read_text()
+    assert old in text
+    out = tmp_path / name
+    out.write_text(text.replace(old, new, 1))
+    return out
+
+
+def test_logs_that_disagree_are_refused(tmp_path, logs):
+    a, b = logs
+    same_length_edit = edited(tmp_path, b, "Shared-weight recurrent", "Shared-weight Recurrent", "code.txt")
+    with pytest.raises(submission.SubmissionError, match="embeds different code"):
+        submission.load_runs([str(a), str(same_length_edit)])
+    with pytest.raises(submission.SubmissionError, match="differ in settings: model_dim"):
+        submission.load_runs([str(a), str(edited(tmp_path, b, "\nmodel_dim:32\n", "\nmodel_dim:64\n", "config.txt"))])
+    with pytest.raises(submission.SubmissionError, match="code is .* bytes, the run counted"):
+        submission.load_runs([str(edited(tmp_path, a, "import copy\n", "import copy  \n", "longer.txt"))])
+    with pytest.raises(submission.SubmissionError, match="a seed appears twice"):
+        submission.load_runs([str(a), str(a)])
+    with pytest.raises(submission.SubmissionError, match="no compliance line"):
+        text = a.read_text()
+        (tmp_path / "cut.txt").write_text(text[: text.index("\ncompliance ")])
+        submission.load_runs([str(tmp_path / "cut.txt")])
+    over = edited(tmp_path, a, ":ok val_tokens_trained_before_scoring", ":OVER val_tokens_trained_before_scoring", "over.txt")
+    with pytest.raises(submission.SubmissionError, match="over the 16,000,000-byte cap"):
+        submission.check_compliance(submission.load_runs([str(over)]), "track_10min_16mb")
+    slow = edited(tmp_path, a, "ms/600000ms:ok eval_time", "ms/600000ms:OVER eval_time", "slow.txt")
+    with pytest.raises(submission.SubmissionError, match="track_non_record_16mb"):
+        submission.check_compliance(submission.load_runs([str(slow)]), "track_10min_16mb")
+    submission.check_compliance(submission.load_runs([str(slow)]), "track_non_record_16mb")
+
+
+def test_cli_refusals_are_one_line(tmp_path, logs, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        submission.main(["make", str(logs[0]), "--name", "x", "--author", "a", "--github-id", "a",
+                         "--date", "25/11/2026", "--root", str(tmp_path)])
+    assert str(exit_info.value) == "error: --date '25/11/2026' is not YYYY-MM-DD"
+    with pytest.raises(SystemExit) as exit_info:
+        submission.main(["stats", str(logs[0]), "--beat", "3.0"])
+    assert "at least two seeds" in str(exit_info.value)
+    submission.main(["stats", *map(str, logs), "--beat", "9.0"])
+    out = capsys.readouterr().out
+    assert "| **Mean** |" in out and "df = 1" in out and "significant at p < 0.01" in out
+
+
+# Student-t upper tails from published tables: P(T > t) for (t, df).
+T_TABLE = [(2.919986, 2, 0.05), (6.964557, 2, 0.01), (2.131847, 4, 0.05), (2.228139, 10, 0.025),
+           (5.893430, 5, 0.001), (2.749996, 30, 0.005), (1.959964, 1e7, 0.025), (0.0, 3, 0.5)]
+
+
+@pytest.mark.parametrize("t,df,p", T_TABLE)
+def test_student_t_tail_matches_tables(t, df, p):
+    assert submission.student_t_sf(t, df) == pytest.approx(p, rel=2e-5, abs=1e-9)
+    assert submission.student_t_sf(-t, df) == pytest.approx(1 - p, rel=2e-5)
+
+
+def test_student_t_tail_matches_closed_forms_and_scipy():
+    for t in (0.1, 0.7, 1.5, 4.0, 31.42, 250.0):
+        cauchy = 0.5 - math.atan(t) / math.pi  # df = 1
+        two = 0.5 * (1 - t / math.sqrt(t * t + 2))  # df = 2
+        assert submission.student_t_sf(t, 1) == pytest.approx(cauchy, rel=1e-10)
+        assert submission.student_t_sf(t, 2) == pytest.approx(two, rel=1e-10)
+    # The challenge's own example (LongContextSeq2048 record): t = 31.42, df = 2, p = 0.00051.
+    assert submission.student_t_sf(31.42, 2) == pytest.approx(0.00051, abs=5e-6)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for t, df in ((1.3, 2), (3.7, 4), (0.4, 9), (12.0, 3), (-2.0, 6)):
+        assert submission.student_t_sf(t, df) == pytest.approx(float(scipy_stats.t.sf(t, df)), rel=1e-10)
+
+
+def test_significance_is_the_one_sided_test_against_previous_minus_margin():
+    losses = [1.90, 1.91, 1.92]
+    sig = submission.significance(losses, previous=1.95)
+    t = (1.95 - 0.005 - 1.91) / (statistics.stdev(losses) / math.sqrt(3))
+    assert sig["t"] == pytest.approx(t) and sig["df"] == 2
+    assert sig["p"] == pytest.approx(0.5 * (1 - t / math.sqrt(t * t + 2)), rel=1e-8)
+    assert submission.significance(losses, previous=1.912)["p"] > 0.5  # within the margin: no evidence
+
+
+def test_plot_writes_a_png_or_says_how_to_get_matplotlib(tmp_path, logs, monkeypatch):
+    runs = submission.load_runs([str(p) for p in logs])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(submission.SubmissionError, match="pip install matplotlib"):
+        submission.plot(runs, tmp_path / "x.png")
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    submission.plot(runs, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
