@@ -831,10 +831,9 @@ class CastedLinear(nn.Linear):
     def forward(self, x: Tensor, qat: QAT | None = None) -> Tensor:
         w = self.weight
         if qat is not None and w.numel() > KEEP_FLOAT_MAX_NUMEL:
-            clip = row_clip(w, qat.sigmas, exact=False)
-            codes, step = quantize_rows(w, qat.bits, clip)
+            codes, step = quantize_rows(w.detach(), qat.bits, row_clip(w, qat.sigmas, exact=False))
             step = step.float()[:, None]
-            delta = (codes * step - w).detach() if qat.ste else (torch.rand_like(w) - 0.5) * step
+            delta = codes * step - w.detach() if qat.ste else (torch.rand_like(w) - 0.5) * step
             w = w + qat.gate * delta
         return F.linear(x, w.to(x.dtype))
 
