@@ -65,6 +65,12 @@ class Hyperparameters:
         # Training length.
         self.iterations = self._get("ITERATIONS", 20000)
         self.warmdown_iters = self._get("WARMDOWN_ITERS", 1200)
+        # Step-based warmdown (PR #470), independent of the wallclock: linear from
+        # WARMDOWN_START_STEP, or from the last WARMDOWN_FRAC of ITERATIONS, to 0 at ITERATIONS.
+        # Either replaces WARMDOWN_ITERS. MIN_LR_FRAC floors the LR multiplier of any schedule.
+        self.warmdown_start_step = self._get("WARMDOWN_START_STEP", 0)
+        self.warmdown_frac = self._get("WARMDOWN_FRAC", 0.0)
+        self.min_lr_frac = self._get("MIN_LR_FRAC", 0.0)
         self.warmup_steps = self._get("WARMUP_STEPS", 20)
         self.train_batch_tokens = self._get("TRAIN_BATCH_TOKENS", 524_288)
         self.train_seq_len = self._get("TRAIN_SEQ_LEN", 1024)
@@ -85,6 +91,16 @@ class Hyperparameters:
         self.qk_gain_init = self._get("QK_GAIN_INIT", 1.5)
         # "step:depth,..." -- depth of the shared block from each step on.
         self.num_layer_schedule = self._get("NUM_LAYER_SCHEDULE", "0:2,2000:6")
+        # U-Net across passes (PR #470): the first half of the passes stores its outputs, the
+        # second half adds them back in reverse order, times learned per-pass skip weights.
+        # UNET_WEIGHTS=2 gives the encoder and the decoder half their own shared block.
+        self.unet_skips = self._get("UNET_SKIPS", False)
+        self.unet_weights = self._get("UNET_WEIGHTS", 1)
+        # Hash n-gram embeddings: (previous, current) and (two back, previous, current) input
+        # tokens hashed into tables of HASH_EMBED_DIM, projected and added to the token embedding.
+        self.bigram_table_size = self._get("BIGRAM_TABLE_SIZE", 0)
+        self.trigram_table_size = self._get("TRIGRAM_TABLE_SIZE", 0)
+        self.hash_embed_dim = self._get("HASH_EMBED_DIM", 128)
 
         # Optimizer.
         self.embed_lr = self._get("EMBED_LR", 0.6)
@@ -136,6 +152,12 @@ class Hyperparameters:
         self.qat_start_frac = self._get("QAT_START_FRAC", 0.0)
         self.ema_decay = self._get("EMA_DECAY", 0.0)
 
+        # Checkpoints: every CHECKPOINT_EVERY steps (0 = never) to checkpoints/{RUN_ID}/step{N}.pt,
+        # the last CHECKPOINT_KEEP kept. RESUME_FROM: a checkpoint path, or "latest" of this RUN_ID.
+        self.checkpoint_every = self._get("CHECKPOINT_EVERY", 0)
+        self.checkpoint_keep = self._get("CHECKPOINT_KEEP", 2)
+        self.resume_from = self._get("RESUME_FROM", "")
+
         # System.
         self.torch_compile = self._get("TORCH_COMPILE", True)
         del self._env
@@ -180,7 +202,10 @@ class Hyperparameters:
                                  ("EVAL_STRIDE", self.eval_stride, 0), ("EVAL_SEQ_LEN", self.eval_seq_len, 1),
                                  ("EVAL_BATCH_SEQS", self.eval_batch_seqs, 1), ("TTT_RANK", self.ttt_rank, 1),
                                  ("TTT_STEPS", self.ttt_steps, 1), ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens, 1),
-                                 ("TTT_BATCH_DOCS", self.ttt_batch_docs, 1)):
+                                 ("TTT_BATCH_DOCS", self.ttt_batch_docs, 1), ("WARMDOWN_START_STEP", self.warmdown_start_step, 0),
+                                 ("UNET_WEIGHTS", self.unet_weights, 1), ("BIGRAM_TABLE_SIZE", self.bigram_table_size, 0),
+                                 ("TRIGRAM_TABLE_SIZE", self.trigram_table_size, 0), ("HASH_EMBED_DIM", self.hash_embed_dim, 1),
+                                 ("CHECKPOINT_EVERY", self.checkpoint_every, 0), ("CHECKPOINT_KEEP", self.checkpoint_keep, 1)):
             if value < low:
                 raise RunError(f"{name}={value} must be at least {low}")
         if int(self.mlp_mult * self.model_dim) < 1:
@@ -192,7 +217,19 @@ class Hyperparameters:
                                      ("COMPRESSOR", self.compressor, COMPRESSORS), ("QAT_MODE", self.qat_mode, ("noise", "ste"))):
             if value not in choices:
                 raise RunError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
-        for name, value in (("QAT_START_FRAC", self.qat_start_frac), ("EMA_DECAY", self.ema_decay)):
+        if self.warmdown_start_step and self.warmdown_frac:
+            raise RunError("set one of WARMDOWN_START_STEP and WARMDOWN_FRAC, not both")
+        if self.warmdown_start_step >= self.iterations:
+            raise RunError(f"WARMDOWN_START_STEP={self.warmdown_start_step} must be below ITERATIONS={self.iterations}")
+        if self.unet_weights > 2 or self.unet_weights == 2 and not self.unet_skips:
+            raise RunError(f"UNET_WEIGHTS={self.unet_weights}: 1, or 2 with UNET_SKIPS=1")
+        if self.unet_weights == 2 and min(d for _, d in self.layer_schedule) < 2:
+            raise RunError("UNET_WEIGHTS=2 needs every depth of NUM_LAYER_SCHEDULE to be at least 2 (encoder and decoder)")
+        for name, size in (("BIGRAM_TABLE_SIZE", self.bigram_table_size), ("TRIGRAM_TABLE_SIZE", self.trigram_table_size)):
+            if size == 1:
+                raise RunError(f"{name}=1: a table needs at least 2 buckets (one is kept for 'no context')")
+        for name, value in (("QAT_START_FRAC", self.qat_start_frac), ("EMA_DECAY", self.ema_decay),
+                            ("WARMDOWN_FRAC", self.warmdown_frac), ("MIN_LR_FRAC", self.min_lr_frac)):
             if not 0.0 <= value < 1.0:
                 raise RunError(f"{name}={value} must be in [0, 1)")
         for name, value in (("MATRIX_CLIP_SIGMAS", self.matrix_clip_sigmas), ("EMBED_CLIP_SIGMAS", self.embed_clip_sigmas)):
@@ -564,8 +601,8 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
 # and the score is computed on the dequantized model. Small and per-depth control tensors stay
 # float. QAT trains against the same grid: `quantize_rows` is the one definition of it.
 
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "norm_bias", "q_gain")
-EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight")
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "norm_bias", "q_gain", "skip_weight")
+EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight", "hash_emb.bigram.weight", "hash_emb.trigram.weight")
 KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost more in scales/metadata than they save
 CLIP_Q = 0.9999984  # the baseline's per-row clip percentile of |w|
 QUANT_FORMAT = "per_row_v2"
@@ -772,6 +809,11 @@ class TokenStream:
         self.tokens = load_data_shard(files[0])
         self.next_tokens = self.pool.submit(load_data_shard, files[1 % len(files)])
 
+    def seek(self, file_idx: int, pos: int) -> None:
+        # Continue from a checkpoint's position.
+        self.file_idx, self.pos, self.tokens = file_idx, pos, load_data_shard(self.files[file_idx])
+        self.next_tokens = self.pool.submit(load_data_shard, self.files[(file_idx + 1) % len(self.files)])
+
     def _advance(self) -> None:
         self.file_idx = (self.file_idx + 1) % len(self.files)
         self.tokens, self.pos = self.next_tokens.result(), 0
@@ -911,24 +953,26 @@ class DepthControl(NamedTuple):
     attn_scale: Tensor  # [attn_per_block, dim]
     mlp_norm_bias: Tensor | None  # [dim]
     mlp_scale: Tensor  # [dim]
+    skip_weight: Tensor | None  # [dim]: weight of the U-Net skip a decoder pass adds
 
 
 class DepthControls(nn.Module):
     # The per-depth parameters of the shared block, one row per depth. The pre-norm bias acts as a
     # depth embedding; PR #1088's author found it is what makes one shared block work. Indexing a
     # row keeps every parameter in the graph, so DDP sees no unused parameters at shallow depths.
-    def __init__(self, max_depth: int, attn_per_block: int, dim: int, norm_bias: bool):
+    def __init__(self, max_depth: int, attn_per_block: int, dim: int, norm_bias: bool, unet_skips: bool):
         super().__init__()
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(max_depth, dim), torch.zeros(max_depth, dim)], dim=1))
         self.attn_scale = nn.Parameter(torch.ones(max_depth, attn_per_block, dim))
         self.mlp_scale = nn.Parameter(torch.ones(max_depth, dim))
         self.attn_norm_bias = nn.Parameter(torch.zeros(max_depth, attn_per_block, dim)) if norm_bias else None
         self.mlp_norm_bias = nn.Parameter(torch.zeros(max_depth, dim)) if norm_bias else None
+        self.skip_weight = nn.Parameter(torch.ones(max_depth, dim)) if unet_skips else None
 
     def at(self, depth: int) -> DepthControl:
-        bias = (lambda p: None if p is None else p[depth])
-        return DepthControl(self.resid_mix[depth], bias(self.attn_norm_bias), self.attn_scale[depth],
-                            bias(self.mlp_norm_bias), self.mlp_scale[depth])
+        row = (lambda p: None if p is None else p[depth])
+        return DepthControl(self.resid_mix[depth], row(self.attn_norm_bias), self.attn_scale[depth],
+                            row(self.mlp_norm_bias), self.mlp_scale[depth], row(self.skip_weight))
 
 
 class SharedBlock(nn.Module):
@@ -951,13 +995,44 @@ class SharedBlock(nn.Module):
         return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias), qat)
 
 
+def ngram_buckets(ids: Tensor, n: int, size: int) -> Tensor:
+    """Bucket of the n-gram of input tokens ending at each position, in [0, size - 2]; size - 1
+    where the n-1 tokens before it are not all in the position's document (a BOS, at the
+    position or after the earliest of them, starts a new one; the sequence start has none).
+    The key never includes a later token, least of all the one being predicted."""
+    key, valid = ids.long(), torch.ones_like(ids, dtype=torch.bool)
+    bos, positions = ids == BOS_ID, torch.arange(ids.size(-1), device=ids.device)
+    for back, multiplier in zip(range(1, n), (36_313, 27_191)):
+        valid = valid & (positions >= back) & ~F.pad(bos, (back - 1, 0))[..., : ids.size(-1)]
+        key = key * multiplier + F.pad(ids.long(), (back, 0))[..., : ids.size(-1)]
+    return torch.where(valid, key % (size - 1), size - 1)
+
+
+class HashEmbedding(nn.Module):
+    # Bigram and trigram tables (PR #470, the records' BigramHash), projected to the model width
+    # by a zero-initialized matrix, so training starts from the plain token embedding.
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.bigram = nn.Embedding(args.bigram_table_size, args.hash_embed_dim) if args.bigram_table_size else None
+        self.trigram = nn.Embedding(args.trigram_table_size, args.hash_embed_dim) if args.trigram_table_size else None
+        self.proj = CastedLinear(args.hash_embed_dim, args.model_dim, bias=False)
+        self.proj._zero_init = True
+
+    def forward(self, ids: Tensor) -> Tensor:
+        tables = [(n, t) for n, t in ((2, self.bigram), (3, self.trigram)) if t is not None]
+        h = sum(table(ngram_buckets(ids, n, table.num_embeddings)) for n, table in tables)
+        return self.proj(h)
+
+
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         self.args = args
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
+        self.hash_emb = HashEmbedding(args) if args.bigram_table_size or args.trigram_table_size else None
         self.block = SharedBlock(args)
-        self.controls = DepthControls(args.max_depth, args.attn_per_block, args.model_dim, args.norm_bias)
+        self.decoder_block = SharedBlock(args) if args.unet_weights == 2 else None
+        self.controls = DepthControls(args.max_depth, args.attn_per_block, args.model_dim, args.norm_bias, args.unet_skips)
         self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
@@ -976,10 +1051,23 @@ class GPT(nn.Module):
         qat = QAT(self.qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode == "ste") \
             if self.training and args.noisy_qat else None
         lora = lora or {}
-        x = x0 = rms_norm(self.tok_emb(input_ids))
+        x = self.tok_emb(input_ids)
+        if self.hash_emb is not None:
+            x = x + self.hash_emb(input_ids).to(x.dtype)
+        x = x0 = rms_norm(x)
         rope = rotary_tables(input_ids.size(1), args.model_dim // args.num_heads, args.rope_base, input_ids.device)
+        encoder_passes = depth // 2 if args.unet_skips else 0  # with depth 1, no skips
+        skips: list[Tensor] = []
         for d in range(depth):
-            x = self.block(x, x0, self.controls.at(d), rope, qat, lora)
+            c = self.controls.at(d)
+            block = self.block
+            if d >= encoder_passes:
+                block = self.decoder_block or self.block
+                if skips:
+                    x = x + c.skip_weight.to(x.dtype) * skips.pop()
+            x = block(x, x0, c, rope, qat, lora)
+            if d < encoder_passes:
+                skips.append(x)
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         logits = add_lora(logits, x, lora.get("head"))
@@ -1019,13 +1107,15 @@ def setup_distributed() -> tuple[bool, int, int, torch.device]:
 
 
 def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
-    # Muon for the shared block's matrices; Adam for embeddings, head, gains and per-depth controls.
-    block_params = list(model.block.named_parameters())
-    matrices = [p for name, p in block_params if p.ndim == 2 and not is_control(name)]
-    scalars = [p for name, p in block_params if p.ndim != 2 or is_control(name)] + list(model.controls.parameters())
+    # Muon for the shared blocks' matrices (and the hash projection); Adam for embeddings, head,
+    # gains and per-depth controls.
+    named = [(n, p) for n, p in model.named_parameters() if n.startswith(("block.", "decoder_block.", "hash_emb.proj."))]
+    matrices = [p for name, p in named if p.ndim == 2 and not is_control(name)]
+    scalars = [p for name, p in named if p.ndim != 2 or is_control(name)] + list(model.controls.parameters())
     adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=next(model.parameters()).is_cuda)
     token_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
-    groups = [([model.tok_emb.weight], token_lr), (scalars, args.scalar_lr)]
+    tables = [t.weight for t in (model.hash_emb.bigram, model.hash_emb.trigram) if t is not None] if model.hash_emb else []
+    groups = [([model.tok_emb.weight, *tables], token_lr), (scalars, args.scalar_lr)]
     if model.lm_head is not None:
         groups.append(([model.lm_head.weight], args.head_lr))
     optimizers: list[torch.optim.Optimizer] = [
@@ -1083,8 +1173,30 @@ class TrainClock:
     def estimate_ms(self, step: int) -> float:
         return self.elapsed_ms + (step - self.sync_step) * (self.step_ms or 0.0)
 
-    def lr_mul(self, step: int) -> float:
+    def warmdown_start(self) -> int | None:
+        """First step of the step-based warmdown, or None for the WARMDOWN_ITERS schedule."""
         args = self.args
+        if args.warmdown_start_step:
+            return args.warmdown_start_step
+        return int(args.iterations * (1.0 - args.warmdown_frac)) if args.warmdown_frac else None
+
+    def describe(self) -> str:
+        args, start = self.args, self.warmdown_start()
+        if start is not None:
+            shape = f"steps warmdown:{start}->{args.iterations}"
+        elif args.warmdown_iters <= 0:
+            shape = "constant"
+        else:
+            shape = f"{'wallclock' if self.cap_ms else 'steps'} warmdown_iters:{args.warmdown_iters}"
+        return f"lr_schedule:{shape} min_lr_frac:{args.min_lr_frac}"
+
+    def lr_mul(self, step: int) -> float:
+        return max(self._warmdown_mul(step), self.args.min_lr_frac)
+
+    def _warmdown_mul(self, step: int) -> float:
+        args, start = self.args, self.warmdown_start()
+        if start is not None:
+            return min(max((args.iterations - step) / (args.iterations - start), 0.0), 1.0)
         if args.warmdown_iters <= 0:
             return 1.0
         if self.cap_ms is None:
@@ -1127,6 +1239,78 @@ class EMA:
     def copy_to_model(self) -> None:
         for p, s in zip(self.params, self.shadow):
             p.copy_(s)
+
+
+RESUMABLE_KEYS = ("run_id", "resume_from", "checkpoint_every", "checkpoint_keep")  # may change on resume
+CHECKPOINT_FORMAT = "checkpoint_v1"
+CLOCK_FIELDS = ("local_ms", "elapsed_ms", "sync_step", "phase_step", "phase_ms", "step_ms")
+
+
+def checkpoint_config(args: Hyperparameters) -> dict[str, str]:
+    return {k: str(v) for k, v in sorted(vars(args).items()) if k not in RESUMABLE_KEYS}
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.stem.removeprefix("step"))
+
+
+def resolve_resume(args: Hyperparameters) -> Path | None:
+    if not args.resume_from:
+        return None
+    if args.resume_from != "latest":
+        path = Path(args.resume_from)
+        if not path.is_file():
+            raise RunError(f"RESUME_FROM={args.resume_from} does not exist")
+        return path
+    found = sorted(Path("checkpoints", args.run_id).glob("step*.pt"), key=checkpoint_step)
+    if not found:
+        raise RunError(f"RESUME_FROM=latest: no checkpoints/{args.run_id}/step*.pt (set RUN_ID to the run to resume)")
+    return found[-1]
+
+
+def load_checkpoint(path: Path, args: Hyperparameters, world_size: int) -> dict:
+    """A checkpoint of this configuration, or one RunError naming what differs."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(f"RESUME_FROM={path} is not a loadable checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"RESUME_FROM={path} is not a {CHECKPOINT_FORMAT} file")
+    ours, theirs = checkpoint_config(args), ckpt["config"]
+    differ = [f"{k.upper()}={theirs.get(k)} (now {ours.get(k)})" for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
+    if differ:
+        raise RunError(f"RESUME_FROM={path} was written with other settings: {', '.join(differ)}")
+    if ckpt["world_size"] != world_size:
+        raise RunError(f"RESUME_FROM={path} was written by {ckpt['world_size']} rank(s), not {world_size}")
+    return ckpt
+
+
+def rng_state(device: torch.device) -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> tuple[Path, int]:
+    """Write step{step}.pt atomically (a crash mid-write leaves the older ones intact), then
+    delete all but the newest `keep`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step{step}.pt"
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(str(path), buf.getvalue())
+    for old in sorted(directory.glob("step*.pt"), key=checkpoint_step)[:-keep]:
+        old.unlink()
+    return path, buf.getbuffer().nbytes
 
 
 class Logger:
@@ -1243,6 +1427,8 @@ def main() -> None:
                        f"of TOKENIZER_PATH={args.tokenizer_path}")
     train_files = train_shard_files(args.train_files)
     val_tokens = load_validation_tokens(args.val_files, args.train_seq_len)
+    resume_path = resolve_resume(args)
+    ckpt = load_checkpoint(resume_path, args, world_size) if resume_path else None
     luts = build_byte_luts(sp, args.vocab_size, device)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
     log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(train_files)}")
@@ -1311,7 +1497,22 @@ def main() -> None:
         steps = step - clock.phase_step
         log(f"phase_end depth:{depth} steps:{steps} phase_step_avg:{(clock.elapsed_ms - clock.phase_ms) / max(steps, 1):.2f}ms")
 
-    log(f"layer_schedule_advance:step:0 active_num_layers:{depth}")
+    if ckpt is not None:  # everything the loop carries, as it was after step ckpt["step"]
+        base_model.load_state_dict(ckpt["model"], strict=True)
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        if ema is not None:
+            ema.shadow = [t.to(device) for t in ckpt["ema"]]
+        loader.stream.seek(*ckpt["loader"])
+        for field in CLOCK_FIELDS:
+            setattr(clock, field, ckpt["clock"][field])
+        step, depth, next_sync, qat_on = ckpt["step"], ckpt["depth"], ckpt["next_sync"], ckpt["qat_on"]
+        base_model.qat_gate.fill_(float(qat_on))
+        set_rng_state(ckpt["rng"], device)
+        log(f"resumed_from:{resume_path} step:{step} train_time:{clock.elapsed_ms:.0f}ms")
+        del ckpt
+    log(clock.describe())
+    log(f"layer_schedule_advance:step:{step} active_num_layers:{depth}")
     clock.resume()
     while True:
         last_step = step == args.iterations or stop
@@ -1367,6 +1568,21 @@ def main() -> None:
                     train_loss /= world_size
                 log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
                     f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / step:.2f}ms")
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            sync_clock()  # a checkpoint is only written of a healthy run, and its time is not training time
+            t0 = time.perf_counter()
+            state = {"format": CHECKPOINT_FORMAT, "config": checkpoint_config(args), "world_size": world_size,
+                     "step": step, "depth": depth, "next_sync": next_sync, "qat_on": qat_on,
+                     "model": base_model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+                     "ema": ema.shadow if ema is not None else None, "rng": rng_state(device),
+                     "loader": (loader.stream.file_idx, loader.stream.pos),
+                     "clock": {field: getattr(clock, field) for field in CLOCK_FIELDS}}
+            if master:
+                path, nbytes = save_checkpoint(Path("checkpoints", args.run_id), step, state, args.checkpoint_keep)
+                log(f"checkpoint step:{step} path:{path} bytes:{nbytes} write_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            if distributed:
+                dist.barrier()
+            clock.resume()
 
     log_phase_end()
     tokens_per_s = step * args.train_batch_tokens / max(clock.elapsed_ms / 1000.0, 1e-9)

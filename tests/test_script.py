@@ -111,6 +111,66 @@ def test_over_cap_artifact_is_written_then_fails(tmp_path, dataset):
     assert error.startswith("error: ") and f"over the 16000000-byte cap by {total - 16_000_000} bytes" in error
 
 
+def final_weights(path: Path) -> dict:
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(tmp_path, dataset):
+    # Noise QAT on a wide MLP (RNG), EMA, a depth change after the checkpoint and a step-based
+    # warmdown across it: all of it must continue exactly.
+    env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "ITERATIONS": "10", "VAL_LOSS_EVERY": "5",
+           "NUM_LAYER_SCHEDULE": "0:1,6:2", "MODEL_DIM": "128", "MLP_MULT": "5", "EMA_DECAY": "0.8",
+           "WARMDOWN_START_STEP": "3", "MIN_LR_FRAC": "0.1", "UNET_SKIPS": "1", "BIGRAM_TABLE_SIZE": "64", "RUN_ID": "r"}
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    straight.mkdir()
+    crashed.mkdir()
+    first = run_script(straight, env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # The same run with checkpoints, killed right after the step-4 checkpoint is written.
+    import os, signal, subprocess, sys
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_gpt.py")], cwd=crashed, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2", **env, "CHECKPOINT_EVERY": "2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in proc.stdout:
+        if line.startswith("checkpoint step:4 "):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert not (crashed / "final_model.pt").exists()
+    assert sorted(p.name for p in (crashed / "checkpoints" / "r").iterdir()) == ["step2.pt", "step4.pt"]
+    resumed = run_script(crashed, {**env, "CHECKPOINT_EVERY": "2", "RESUME_FROM": "latest"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    out = resumed.stdout
+    assert re.search(r"^resumed_from:checkpoints/r/step4.pt step:4 train_time:\d+ms$", out, re.M)
+    assert "lr_schedule:steps warmdown:3->10 min_lr_frac:0.1" in out
+    a, b = final_weights(straight / "final_model.pt"), final_weights(crashed / "final_model.pt")
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    tail = lambda text: [l for l in text.splitlines() if re.match(r"step:([5-9]|10)/10 (train|val)_loss", l)]
+    strip_time = lambda lines: [re.sub(r" train_time.*", "", l) for l in lines]
+    assert strip_time(tail(first.stdout)) == strip_time(tail(out)) and len(tail(out)) == 8
+    assert sorted(p.name for p in (crashed / "checkpoints" / "r").iterdir()) == ["step10.pt", "step8.pt"]
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+    return torch.equal(x, y)
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path, dataset):
+    env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "ITERATIONS": "2", "CHECKPOINT_EVERY": "2",
+           "VAL_LOSS_EVERY": "0", "WARMUP_STEPS": "0", "RUN_ID": "c"}
+    assert run_script(tmp_path, env).returncode == 0
+    ckpt = tmp_path / "checkpoints" / "c" / "step2.pt"
+    other = run_script(tmp_path, {**env, "RESUME_FROM": str(ckpt), "MODEL_DIM": "64", "MLP_LAYERS": "2"})
+    assert other.returncode == 1
+    error = other.stderr.strip().splitlines()
+    assert len(error) == 1 and f"RESUME_FROM={ckpt} was written with other settings: MLP_LAYERS=3 (now 2), MODEL_DIM=32 (now 64)" in error[0]
+    assert "warmup_step" not in other.stdout and "model_params" not in other.stdout
+    missing = run_script(tmp_path, {**env, "RESUME_FROM": "latest", "RUN_ID": "nothing"})
+    assert missing.returncode == 1 and "RESUME_FROM=latest: no checkpoints/nothing/step*.pt" in missing.stderr
+
+
 def test_two_gloo_ranks_match_one_process(tmp_path, dataset):
     env = {**dataset, **RUN, "ITERATIONS": "4", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0"}
     (tmp_path / "one").mkdir()
