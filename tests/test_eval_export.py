@@ -298,3 +298,43 @@ def test_clock_warmdown_follows_the_current_phase():
     assert not capped.out_of_time() and capped.next_sync(1490) == 1494
     capped.elapsed_ms = 1000.0
     assert capped.next_sync(1490) == 1490 + train_gpt.MAX_SYNC_GAP
+
+
+@pytest.mark.parametrize("cap", ["0", "600"])
+def test_step_based_warmdown_ignores_the_wallclock(cap):
+    cpu = torch.device("cpu")
+    by_step = train_gpt.TrainClock(tiny_args(ITERATIONS="1000", WARMDOWN_START_STEP="600", MIN_LR_FRAC="0.05",
+                                             MAX_WALLCLOCK_SECONDS=cap), cpu)
+    by_frac = train_gpt.TrainClock(tiny_args(ITERATIONS="1000", WARMDOWN_FRAC="0.4", MAX_WALLCLOCK_SECONDS=cap), cpu)
+    by_step.elapsed_ms = by_frac.elapsed_ms = 599_000.0  # near the cap: no effect on a step-based schedule
+    by_step.step_ms = by_frac.step_ms = 100.0
+    for step, linear in ((0, 1.0), (600, 1.0), (700, 0.75), (900, 0.25), (990, 0.025), (1000, 0.0)):
+        assert by_frac.lr_mul(step) == pytest.approx(linear)
+        assert by_step.lr_mul(step) == pytest.approx(max(linear, 0.05))
+    assert by_step.describe() == "lr_schedule:steps warmdown:600->1000 min_lr_frac:0.05"
+    wallclock = train_gpt.TrainClock(tiny_args(MAX_WALLCLOCK_SECONDS="600", MIN_LR_FRAC="0.2"), cpu)
+    assert wallclock.describe() == "lr_schedule:wallclock warmdown_iters:1200 min_lr_frac:0.2"
+    wallclock.elapsed_ms, wallclock.step_ms = 600_000.0, 100.0
+    assert wallclock.lr_mul(0) == 0.2  # the floor holds for the wallclock warmdown too
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    directory = tmp_path / "checkpoints" / "run"
+    train_gpt.save_checkpoint(directory, 2, {"w": torch.ones(3)}, keep=2)
+
+    def killed(src, dst):  # the process dies after writing the temp file, before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_gpt.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_gpt.save_checkpoint(directory, 4, {"w": torch.zeros(3)}, keep=2)
+    monkeypatch.undo()
+    assert [p.name for p in directory.glob("step*.pt")] == ["step2.pt"]  # the temp file is not a checkpoint
+    args = tiny_args(RESUME_FROM="latest", RUN_ID="run")
+    monkeypatch.chdir(tmp_path)
+    assert train_gpt.resolve_resume(args) == Path("checkpoints/run/step2.pt")
+    assert torch.equal(torch.load(directory / "step2.pt", weights_only=True)["w"], torch.ones(3))
+    for step in (4, 6, 8):
+        train_gpt.save_checkpoint(directory, step, {"w": torch.full((3,), float(step))}, keep=2)
+    assert sorted(p.name for p in directory.glob("step*.pt")) == ["step6.pt", "step8.pt"]
+    assert train_gpt.resolve_resume(args) == Path("checkpoints/run/step8.pt")

@@ -171,3 +171,94 @@ def test_muon_orthogonalizes_updates():
     s = torch.linalg.svdvals(train_gpt.zeropower_via_newtonschulz5(g, steps=5).float())
     assert s.max() / s.min() < 4 and 0.5 < s.mean() < 1.5
     assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 4
+
+
+@pytest.mark.parametrize("weights", ["1", "2"])
+def test_unet_skips_compile_at_every_depth_and_learn(weights):
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    schedule = "0:2,3:3,6:6"
+    model = tiny_model(randomize=True, UNET_SKIPS="1", UNET_WEIGHTS=weights, NUM_LAYER_SCHEDULE=schedule)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x, y = batch(model.args)
+    before = counters["stats"]["unique_graphs"]
+    for depth in (2, 3, 6):
+        model.zero_grad()
+        compiled(x, y, depth).mean().backward()
+        grad = model.controls.skip_weight.grad
+        decoder_with_skip = range(depth // 2, 2 * (depth // 2))  # the first decoder passes pop the skips
+        for d in range(6):
+            assert (grad[d].abs().sum() > 0) == (d in decoder_with_skip), (depth, d)
+        if weights == "2":
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder_block.parameters())
+    primed = counters["stats"]["unique_graphs"]
+    assert primed - before == 3
+    for depth in (6, 2, 3):
+        compiled(x, y, depth)
+    assert counters["stats"]["unique_graphs"] == primed
+
+
+def test_unet_skip_is_the_encoder_output_added_in_reverse():
+    model = tiny_model(randomize=True, UNET_SKIPS="1", NUM_LAYER_SCHEDULE="0:4")
+    plain = tiny_model(randomize=True, NUM_LAYER_SCHEDULE="0:4")
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "skip_weight" not in k})
+    x, y = batch(model.args)
+    with torch.no_grad():
+        model.controls.skip_weight.zero_()  # zero skip weights: exactly the plain stack
+        assert torch.equal(model(x, y, 4), plain(x, y, 4))
+        model.controls.skip_weight[2] = 1.0  # only pass 2 (the first decoder pass) adds a skip
+        outputs = []
+        hook = model.block.register_forward_hook(lambda m, a, out: outputs.append(out))
+        model(x, y, 4)
+        hook.remove()
+        # pass 2's input is pass 1's output plus the last stored skip, pass 1's output itself
+        inputs = []
+        hook = model.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+        model(x, y, 4)
+        hook.remove()
+        assert torch.allclose(inputs[2], 2 * outputs[1])
+        assert torch.allclose(inputs[3], outputs[2])
+
+
+def test_unet_weights_2_needs_two_passes_everywhere():
+    with pytest.raises(train_gpt.RunError, match="UNET_WEIGHTS=2 needs every depth"):
+        tiny_args(UNET_SKIPS="1", UNET_WEIGHTS="2", NUM_LAYER_SCHEDULE="0:1,4:3")
+    with pytest.raises(train_gpt.RunError, match="UNET_WEIGHTS=2"):
+        tiny_args(UNET_WEIGHTS="2")
+
+
+def test_ngram_buckets_use_only_the_current_document_up_to_each_position():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 500, (3, 40), generator=g)
+    ids[:, 0] = 1
+    ids[0, 17] = 1  # a second document starts at 17 in row 0
+    for n, size in ((2, 97), (3, 61)):
+        buckets = train_gpt.ngram_buckets(ids, n, size)
+        assert buckets.min() >= 0 and buckets.max() <= size - 1
+        for t in range(40):  # changing later tokens never moves the bucket of t
+            changed = ids.clone()
+            changed[:, t + 1:] = torch.randint(2, 500, changed[:, t + 1:].shape, generator=g)
+            assert torch.equal(train_gpt.ngram_buckets(changed, n, size)[:, : t + 1], buckets[:, : t + 1])
+        # nothing crosses the BOS at 17: the first document's tokens do not reach the second's buckets
+        changed = ids.clone()
+        changed[0, 1:17] = torch.randint(2, 500, (16,), generator=g)
+        assert torch.equal(train_gpt.ngram_buckets(changed, n, size)[0, 17:], buckets[0, 17:])
+        # the first n-1 positions of each document have no full context: the reserved last bucket
+        for start in (0, 17):
+            assert (buckets[0, start:start + n - 1] == size - 1).all()
+        assert (buckets[0, 19:] < size - 1).all() and len(set(buckets[0, 19:].tolist())) > 5
+
+
+def test_hash_embeddings_are_causal_and_start_neutral():
+    model = tiny_model(randomize=True, BIGRAM_TABLE_SIZE="256", TRIGRAM_TABLE_SIZE="128", HASH_EMBED_DIM="16")
+    fresh = tiny_model(BIGRAM_TABLE_SIZE="256", TRIGRAM_TABLE_SIZE="128", HASH_EMBED_DIM="16")
+    x, y = batch(model.args)
+    assert torch.equal(fresh.hash_emb(x), torch.zeros(*x.shape, 32))  # zero-initialized projection
+    with torch.no_grad():
+        base = model(x, y, 3)
+        for t in (5, 20):
+            x2, y2 = x.clone(), y.clone()
+            x2[:, t + 1:] = (x2[:, t + 1:] + 7) % 500 + 2  # inputs after t
+            y2[:, t:] = (y2[:, t:] + 7) % 500 + 2
+            # losses at positions < t use inputs and targets up to t only
+            assert torch.equal(model(x2, y2, 3)[:, :t], base[:, :t])
