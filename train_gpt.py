@@ -219,7 +219,7 @@ class Hyperparameters:
                 raise RunError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
         if self.warmdown_start_step and self.warmdown_frac:
             raise RunError("set one of WARMDOWN_START_STEP and WARMDOWN_FRAC, not both")
-        if self.warmdown_start_step >= self.iterations:
+        if self.warmdown_start_step and self.warmdown_start_step >= self.iterations:
             raise RunError(f"WARMDOWN_START_STEP={self.warmdown_start_step} must be below ITERATIONS={self.iterations}")
         if self.unet_weights > 2 or self.unet_weights == 2 and not self.unet_skips:
             raise RunError(f"UNET_WEIGHTS={self.unet_weights}: 1, or 2 with UNET_SKIPS=1")
