@@ -223,6 +223,11 @@ BAD = {
     "qat start": ({"QAT_START_FRAC": "1.5"}, "QAT_START_FRAC"),
     "ema decay": ({"EMA_DECAY": "1"}, "EMA_DECAY"),
     "clip sigmas": ({"MATRIX_CLIP_SIGMAS": "-1"}, "MATRIX_CLIP_SIGMAS"),
+    "warmdown start": ({"WARMDOWN_START_STEP": "12"}, "WARMDOWN_START_STEP=12"),
+    "two warmdowns": ({"WARMDOWN_START_STEP": "4", "WARMDOWN_FRAC": "0.5"}, "WARMDOWN_FRAC"),
+    "unet weights": ({"UNET_WEIGHTS": "3", "UNET_SKIPS": "1"}, "UNET_WEIGHTS=3"),
+    "one bucket": ({"BIGRAM_TABLE_SIZE": "1"}, "BIGRAM_TABLE_SIZE=1"),
+    "missing checkpoint": ({"RESUME_FROM": "/nonexistent/step4.pt"}, "RESUME_FROM=/nonexistent/step4.pt"),
     "short validation": ({"TRAIN_SEQ_LEN": "262144", "TRAIN_BATCH_TOKENS": "2097152"}, "validation split"),
 }
 
