@@ -96,6 +96,30 @@ class Hyperparameters:
         # UNET_WEIGHTS=2 gives the encoder and the decoder half their own shared block.
         self.unet_skips = self._get("UNET_SKIPS", False)
         self.unet_weights = self._get("UNET_WEIGHTS", 1)
+        # DEQ (PR #1783): after DEQ_WARMUP_STEPS of unrolled passes of one map z -> f(z, x) (the
+        # shared block with depth 0's controls), its fixed point is solved without gradients by
+        # Anderson acceleration mixing each token's own history (ANDERSON_M iterates, ridge
+        # ANDERSON_LAMBDA, mixing ANDERSON_BETA) for DEQ_ITERS (EVAL_DEQ_ITERS in evaluation)
+        # iterations, and PHANTOM_STEPS damped steps z <- (1 - PHANTOM_LAMBDA) z + PHANTOM_LAMBDA f(z)
+        # carry the gradient. DEQ_TOL > 0 stops an uncompiled training solve early.
+        self.deq = self._get("DEQ", False)
+        self.deq_warmup_steps = self._get("DEQ_WARMUP_STEPS", 200)
+        self.deq_iters = self._get("DEQ_ITERS", 8)
+        self.eval_deq_iters = self._get("EVAL_DEQ_ITERS", 16)
+        self.deq_tol = self._get("DEQ_TOL", 0.0)
+        self.anderson_m = self._get("ANDERSON_M", 5)
+        self.anderson_lambda = self._get("ANDERSON_LAMBDA", 1e-4)
+        self.anderson_beta = self._get("ANDERSON_BETA", 1.0)
+        self.phantom_steps = self._get("PHANTOM_STEPS", 4)
+        self.phantom_lambda = self._get("PHANTOM_LAMBDA", 0.8)
+        # Mixture-of-Depths: every MOD_EVERY-th pass is routed. In training a per-depth router
+        # picks the top MOD_CAPACITY of each sequence's tokens (0 = off), which pass through the
+        # block in position order, their update scaled by sigmoid(router); the rest skip it. A
+        # BCE loss (MOD_AUX_WEIGHT, added to the training loss) teaches the causal rule that
+        # evaluation uses: a token is processed when its sigmoid(router) > 0.5.
+        self.mod_capacity = self._get("MOD_CAPACITY", 0.0)
+        self.mod_every = self._get("MOD_EVERY", 2)
+        self.mod_aux_weight = self._get("MOD_AUX_WEIGHT", 0.01)
         # Hash n-gram embeddings: (previous, current) and (two back, previous, current) input
         # tokens hashed into tables of HASH_EMBED_DIM, projected and added to the token embedding.
         self.bigram_table_size = self._get("BIGRAM_TABLE_SIZE", 0)
@@ -184,6 +208,17 @@ class Hyperparameters:
     def layer_schedule(self) -> list[tuple[int, int]]:
         return parse_layer_schedule(self.num_layer_schedule)
 
+    def depth_at(self, step: int) -> int:
+        """The depth argument of the model at `step`: the schedule's, or DEQ_SOLVE after the DEQ warmup."""
+        if self.deq and step >= self.deq_warmup_steps:
+            return DEQ_SOLVE
+        return depth_at(self.layer_schedule, step)
+
+    def pass_cost(self, depth: int) -> float:
+        # Relative step cost, to guess a new phase's step time: a no-grad solver iteration is about
+        # a third of a pass with its backward.
+        return depth or self.deq_iters / 3 + self.phantom_steps
+
     @property
     def max_depth(self) -> int:
         return max(depth for _, depth in self.layer_schedule)
@@ -205,7 +240,10 @@ class Hyperparameters:
                                  ("TTT_BATCH_DOCS", self.ttt_batch_docs, 1), ("WARMDOWN_START_STEP", self.warmdown_start_step, 0),
                                  ("UNET_WEIGHTS", self.unet_weights, 1), ("BIGRAM_TABLE_SIZE", self.bigram_table_size, 0),
                                  ("TRIGRAM_TABLE_SIZE", self.trigram_table_size, 0), ("HASH_EMBED_DIM", self.hash_embed_dim, 1),
-                                 ("CHECKPOINT_EVERY", self.checkpoint_every, 0), ("CHECKPOINT_KEEP", self.checkpoint_keep, 1)):
+                                 ("CHECKPOINT_EVERY", self.checkpoint_every, 0), ("CHECKPOINT_KEEP", self.checkpoint_keep, 1),
+                                 ("DEQ_WARMUP_STEPS", self.deq_warmup_steps, 0), ("DEQ_ITERS", self.deq_iters, 2),
+                                 ("EVAL_DEQ_ITERS", self.eval_deq_iters, 2), ("ANDERSON_M", self.anderson_m, 1),
+                                 ("PHANTOM_STEPS", self.phantom_steps, 1), ("MOD_EVERY", self.mod_every, 1)):
             if value < low:
                 raise RunError(f"{name}={value} must be at least {low}")
         if int(self.mlp_mult * self.model_dim) < 1:
@@ -217,6 +255,12 @@ class Hyperparameters:
                                      ("COMPRESSOR", self.compressor, COMPRESSORS), ("QAT_MODE", self.qat_mode, ("noise", "ste"))):
             if value not in choices:
                 raise RunError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
+        if self.deq and (self.unet_skips or self.mod_capacity):
+            raise RunError("DEQ=1 iterates one map to its fixed point: it does not combine with UNET_SKIPS or MOD_CAPACITY")
+        if not 0.0 < self.phantom_lambda <= 1.0 or not 0.0 < self.anderson_beta <= 1.0:
+            raise RunError(f"PHANTOM_LAMBDA={self.phantom_lambda} and ANDERSON_BETA={self.anderson_beta} must be in (0, 1]")
+        if not 0.0 <= self.mod_capacity <= 1.0 or int(self.mod_capacity * self.train_seq_len) < 1 and self.mod_capacity:
+            raise RunError(f"MOD_CAPACITY={self.mod_capacity} must be in (0, 1] and route at least one token of TRAIN_SEQ_LEN")
         if self.warmdown_start_step and self.warmdown_frac:
             raise RunError("set one of WARMDOWN_START_STEP and WARMDOWN_FRAC, not both")
         if self.warmdown_start_step and self.warmdown_start_step >= self.iterations:
@@ -601,7 +645,7 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
 # and the score is computed on the dequantized model. Small and per-depth control tensors stay
 # float. QAT trains against the same grid: `quantize_rows` is the one definition of it.
 
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "norm_bias", "q_gain", "skip_weight")
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "norm_bias", "q_gain", "skip_weight", "router")
 EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight", "hash_emb.bigram.weight", "hash_emb.trigram.weight")
 KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost more in scales/metadata than they save
 CLIP_Q = 0.9999984  # the baseline's per-row clip percentile of |w|
@@ -919,14 +963,16 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qat: QAT | None,
-                lora_q: tuple[Tensor, Tensor] | None = None, lora_v: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                lora_q: tuple[Tensor, Tensor] | None = None, lora_v: tuple[Tensor, Tensor] | None = None,
+                attn_mask: Tensor | None = None) -> Tensor:
         bsz, seq_len, dim = x.shape
         q = add_lora(self.c_q(x, qat), x, lora_q).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x, qat).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = add_lora(self.c_v(x, qat), x, lora_v).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(rms_norm(q), *rope) * self.q_gain.to(x.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
         return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim), qat)
 
 
@@ -954,13 +1000,14 @@ class DepthControl(NamedTuple):
     mlp_norm_bias: Tensor | None  # [dim]
     mlp_scale: Tensor  # [dim]
     skip_weight: Tensor | None  # [dim]: weight of the U-Net skip a decoder pass adds
+    router: Tensor | None  # [dim]: Mixture-of-Depths router of a routed pass
 
 
 class DepthControls(nn.Module):
     # The per-depth parameters of the shared block, one row per depth. The pre-norm bias acts as a
     # depth embedding; PR #1088's author found it is what makes one shared block work. Indexing a
     # row keeps every parameter in the graph, so DDP sees no unused parameters at shallow depths.
-    def __init__(self, max_depth: int, attn_per_block: int, dim: int, norm_bias: bool, unet_skips: bool):
+    def __init__(self, max_depth: int, attn_per_block: int, dim: int, norm_bias: bool, unet_skips: bool, mod: bool):
         super().__init__()
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(max_depth, dim), torch.zeros(max_depth, dim)], dim=1))
         self.attn_scale = nn.Parameter(torch.ones(max_depth, attn_per_block, dim))
@@ -968,11 +1015,12 @@ class DepthControls(nn.Module):
         self.attn_norm_bias = nn.Parameter(torch.zeros(max_depth, attn_per_block, dim)) if norm_bias else None
         self.mlp_norm_bias = nn.Parameter(torch.zeros(max_depth, dim)) if norm_bias else None
         self.skip_weight = nn.Parameter(torch.ones(max_depth, dim)) if unet_skips else None
+        self.router = nn.Parameter(torch.zeros(max_depth, dim)) if mod else None
 
     def at(self, depth: int) -> DepthControl:
         row = (lambda p: None if p is None else p[depth])
         return DepthControl(self.resid_mix[depth], row(self.attn_norm_bias), self.attn_scale[depth],
-                            row(self.mlp_norm_bias), self.mlp_scale[depth], row(self.skip_weight))
+                            row(self.mlp_norm_bias), self.mlp_scale[depth], row(self.skip_weight), row(self.router))
 
 
 class SharedBlock(nn.Module):
@@ -986,13 +1034,46 @@ class SharedBlock(nn.Module):
         self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_layers)
 
     def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], qat: QAT | None,
-                lora: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+                lora: dict[str, tuple[Tensor, Tensor]], attn_mask: Tensor | None = None) -> Tensor:
         mix = c.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         for i, attn in enumerate(self.attns):
             bias = None if c.attn_norm_bias is None else c.attn_norm_bias[i]
-            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, qat, lora.get(f"q{i}"), lora.get(f"v{i}"))
+            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, qat, lora.get(f"q{i}"), lora.get(f"v{i}"),
+                                                       attn_mask)
         return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias), qat)
+
+
+DEQ_SOLVE = 0  # the depth argument that asks a DEQ model for its fixed point
+
+
+def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, iters: int, m: int, lam: float, beta: float,
+             tol: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Fixed point of f (on [batch, seq, dim]) by Anderson acceleration, each token mixing only
+    its own last m iterates: alpha = argmin |G^T a|^2 + lam |a|^2 with sum(a) = 1 over the
+    residuals G = f(x_i) - x_i, then x <- beta sum a_i f(x_i) + (1 - beta) sum a_i x_i. With a
+    causal f, position t never depends on a later one. Returns f of the last iterate and the
+    relative residual |f(z) - z| / |f(z)| there. m = 1 is plain iteration."""
+    shape, dtype = z0.shape, z0.dtype
+    tokens = lambda z: z.reshape(-1, 1, shape[-1]).float()
+    xs, fs = [tokens(z0)], [tokens(f(z0))]
+    ones = torch.ones(xs[0].size(0), m, 1, device=z0.device)
+    for k in range(1, iters):
+        n = min(k, m)
+        X, Fx = torch.cat(xs[-n:], 1), torch.cat(fs[-n:], 1)  # [tokens, n, dim]
+        G = Fx - X
+        gram = G @ G.mT + lam * torch.eye(n, device=z0.device)
+        alpha = torch.linalg.solve_ex(gram, ones[:, :n])[0]
+        alpha = alpha / alpha.sum(dim=1, keepdim=True)
+        x = beta * (alpha.mT @ Fx) + (1.0 - beta) * (alpha.mT @ X)
+        xs, fs = xs[-m + 1:] + [x], fs[-m + 1:] + [tokens(f(x.reshape(shape).to(dtype)))]
+        if tol > 0 and not torch.compiler.is_compiling() and float(relative_residual(xs[-1], fs[-1])) < tol:
+            break
+    return fs[-1].reshape(shape).to(dtype), relative_residual(xs[-1], fs[-1])
+
+
+def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
+    return (fz - z).norm() / fz.norm().clamp_min(1e-12)
 
 
 def ngram_buckets(ids: Tensor, n: int, size: int) -> Tensor:
@@ -1032,11 +1113,13 @@ class GPT(nn.Module):
         self.hash_emb = HashEmbedding(args) if args.bigram_table_size or args.trigram_table_size else None
         self.block = SharedBlock(args)
         self.decoder_block = SharedBlock(args) if args.unet_weights == 2 else None
-        self.controls = DepthControls(args.max_depth, args.attn_per_block, args.model_dim, args.norm_bias, args.unet_skips)
+        self.controls = DepthControls(args.max_depth, args.attn_per_block, args.model_dim, args.norm_bias, args.unet_skips,
+                                      args.mod_capacity > 0)
         self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
         self.register_buffer("qat_gate", torch.zeros(()), persistent=False)
+        self.register_buffer("deq_residual", torch.zeros(()), persistent=False)  # of the last solve
         if args.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=args.tied_embed_init_std)
         for module in self.modules():
@@ -1044,35 +1127,86 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.weight)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int,
-                lora: dict[str, tuple[Tensor, Tensor]] | None = None) -> Tensor:
+                lora: dict[str, tuple[Tensor, Tensor]] | None = None, topk_routing: bool | None = None) -> Tensor:
         """Per-position next-token loss in nats, shape [batch, seq], after `depth` shared-block passes
-        (with TTT's per-sequence adapters when `lora` is given)."""
+        (DEQ_SOLVE: the DEQ fixed point), with TTT's per-sequence adapters when `lora` is given.
+        Training adds the Mixture-of-Depths router loss to each position's. Routed passes pick the
+        top-k tokens in training, and by the causal rule otherwise (`topk_routing` overrides)."""
         args = self.args
         qat = QAT(self.qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode == "ste") \
             if self.training and args.noisy_qat else None
         lora = lora or {}
+        topk_routing = self.training if topk_routing is None else topk_routing
         x = self.tok_emb(input_ids)
         if self.hash_emb is not None:
             x = x + self.hash_emb(input_ids).to(x.dtype)
         x = x0 = rms_norm(x)
         rope = rotary_tables(input_ids.size(1), args.model_dim // args.num_heads, args.rope_base, input_ids.device)
+        router_loss = torch.zeros_like(input_ids, dtype=torch.float32)
+        if args.deq and depth == DEQ_SOLVE:
+            x = self.deq_solve(x0, rope, qat, lora)
         encoder_passes = depth // 2 if args.unet_skips else 0  # with depth 1, no skips
         skips: list[Tensor] = []
         for d in range(depth):
-            c = self.controls.at(d)
+            c = self.controls.at(0 if args.deq else d)
             block = self.block
             if d >= encoder_passes:
                 block = self.decoder_block or self.block
                 if skips:
                     x = x + c.skip_weight.to(x.dtype) * skips.pop()
-            x = block(x, x0, c, rope, qat, lora)
+            if c.router is not None and d % args.mod_every == args.mod_every - 1:
+                x, loss = self.routed_pass(block, x, x0, c, rope, qat, lora, topk_routing)
+                router_loss = router_loss + loss
+            else:
+                x = block(x, x0, c, rope, qat, lora)
             if d < encoder_passes:
                 skips.append(x)
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         logits = add_lora(logits, x, lora.get("head"))
         logits = args.logit_softcap * torch.tanh(logits.float() / args.logit_softcap)
-        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+        nats = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+        return nats + args.mod_aux_weight * router_loss if self.training else nats
+
+    def routed_pass(self, block: SharedBlock, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor],
+                    qat: QAT | None, lora: dict, topk: bool) -> tuple[Tensor, Tensor]:
+        """One Mixture-of-Depths pass: the chosen tokens get weight * (block update); the rest
+        pass unchanged. Returns the new stream and the router's per-position BCE toward the
+        top-k choice (zero outside training)."""
+        logits = x.float() @ c.router.float()  # [batch, seq]
+        weight = torch.sigmoid(logits)
+        if topk:  # the k best of each sequence, back in position order, with their own positions
+            k = max(1, int(self.args.mod_capacity * x.size(1)))
+            idx = logits.topk(k, dim=1).indices.sort(dim=1).values
+            chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
+            gather = idx[..., None].expand(-1, -1, x.size(-1))
+            xs = x.gather(1, gather)
+            cos, sin = (t[0, 0][idx][:, None] for t in rope)
+            update = block(xs, x0.gather(1, gather), c, (cos, sin), qat, lora) - xs
+            x = x.scatter(1, gather, xs + weight.gather(1, idx)[..., None].to(x.dtype) * update)
+        else:  # causal rule: every token decides alone; skipped tokens are not keys either
+            chosen = weight > 0.5
+            seq = x.size(1)
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
+            mask = (causal & chosen[:, None, :]) | torch.eye(seq, dtype=torch.bool, device=x.device)
+            update = block(x, x0, c, rope, qat, lora, mask[:, None]) - x
+            x = x + (weight * chosen)[..., None].to(x.dtype) * update
+        if not self.training:
+            return x, torch.zeros_like(logits)
+        return x, F.binary_cross_entropy_with_logits(logits, chosen.float(), reduction="none")
+
+    def deq_solve(self, x0: Tensor, rope: tuple[Tensor, Tensor], qat: QAT | None, lora: dict) -> Tensor:
+        """The fixed point of z -> block(z, x0), found without gradients, then PHANTOM_STEPS
+        damped steps with them (the unrolled phantom gradient; 1 step at lambda 1 is JFB)."""
+        args, c = self.args, self.controls.at(0)
+        f = lambda z: self.block(z, x0, c, rope, qat, lora)
+        with torch.no_grad():
+            z, residual = anderson(f, x0, args.deq_iters if self.training else args.eval_deq_iters, args.anderson_m,
+                                   args.anderson_lambda, args.anderson_beta, args.deq_tol if self.training else 0.0)
+            self.deq_residual.copy_(residual)
+        for _ in range(args.phantom_steps):
+            z = (1.0 - args.phantom_lambda) * z + args.phantom_lambda * f(z)
+        return z
 
 
 # -----------------------------
@@ -1224,6 +1358,17 @@ class TrainClock:
         return step + int(min(max(steps_left / 2, 1), MAX_SYNC_GAP))
 
 
+class TopkRouting(nn.Module):
+    # A diagnostic: evaluation with training's top-k routing, which sees every router score of a
+    # sequence (non-causal), to measure what the causal rule costs.
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int, lora=None) -> Tensor:
+        return self.model(input_ids, target_ids, depth, lora, topk_routing=True)
+
+
 class EMA:
     """fp32 shadow of the parameters, updated after every step: shadow <- d * shadow + (1 - d) * w."""
 
@@ -1351,7 +1496,7 @@ def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimi
     sliding-window batch shapes) on synthetic tokens, then restore the
     initial weights and optimizer state so measured training starts from the true init. Validation
     data is never touched here."""
-    depths = sorted({depth for _, depth in args.layer_schedule})
+    depths = sorted({depth for _, depth in args.layer_schedule} | ({DEQ_SOLVE} if args.deq else set()))
     accum = grad_accum_steps(world_size)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -1482,7 +1627,7 @@ def main() -> None:
     next_batch = lambda: loader.next_batch(local_tokens, args.train_seq_len)
     clock = TrainClock(args, device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    step, depth, stop, next_sync, qat_on = 0, depth_at(schedule, 0), False, 1, False
+    step, depth, stop, next_sync, qat_on = 0, args.depth_at(0), False, 1, False
 
     def evaluate_plain() -> tuple[float, float]:  # the baseline's metric, at the current depth
         return evaluate(compiled, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len,
@@ -1516,13 +1661,16 @@ def main() -> None:
     clock.resume()
     while True:
         last_step = step == args.iterations or stop
-        if depth_at(schedule, step) != depth and not last_step:
+        if args.depth_at(step) != depth and not last_step:
             sync_clock()
             log_phase_end()
-            new_depth = depth_at(schedule, step)
-            clock.begin_phase(step, new_depth / depth)
+            new_depth = args.depth_at(step)
+            clock.begin_phase(step, args.pass_cost(new_depth) / args.pass_cost(depth))
             depth = new_depth
             log(f"layer_schedule_advance:step:{step} active_num_layers:{depth}")
+            if args.deq and depth == DEQ_SOLVE:
+                log(f"deq_solve_start step:{step} deq_iters:{args.deq_iters} eval_deq_iters:{args.eval_deq_iters} "
+                    f"anderson_m:{args.anderson_m} phantom_steps:{args.phantom_steps}")
             next_sync = step + 1
         if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
             sync_clock()
@@ -1566,8 +1714,9 @@ def main() -> None:
                 if distributed:
                     dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
                     train_loss /= world_size
+                deq = f" deq_residual:{base_model.deq_residual.item():.4f}" if args.deq and depth == DEQ_SOLVE else ""
                 log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
-                    f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / step:.2f}ms")
+                    f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / step:.2f}ms{deq}")
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             sync_clock()  # a checkpoint is only written of a healthy run, and its time is not training time
             t0 = time.perf_counter()
@@ -1585,6 +1734,13 @@ def main() -> None:
             clock.resume()
 
     log_phase_end()
+    if args.deq and depth == DEQ_SOLVE:  # the last solve was the final validation's
+        log(f"deq_residual eval_deq_iters:{args.eval_deq_iters} residual:{base_model.deq_residual.item():.4f}")
+    if args.mod_capacity:
+        topk_loss, topk_bpb = evaluate(TopkRouting(base_model), val_tokens, luts, depth, args.train_seq_len,
+                                       args.train_seq_len, val_batch_seqs(args, world_size), rank, world_size)
+        log(f"mod_routing causal_val_bpb:{val_bpb:.4f} topk_val_bpb:{topk_bpb:.4f} gap:{val_bpb - topk_bpb:+.4f} "
+            f"(the scored, causal rule minus the training-time top-k)")
     tokens_per_s = step * args.train_batch_tokens / max(clock.elapsed_ms / 1000.0, 1e-9)
     log(f"train_summary steps:{step} train_time:{clock.elapsed_ms:.0f}ms tokens_per_s:{tokens_per_s:.0f}")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
