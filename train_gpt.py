@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
 import io
+import itertools
 import lzma
 import math
 import os
@@ -26,7 +28,7 @@ import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -120,6 +122,11 @@ class Hyperparameters:
         self.mod_capacity = self._get("MOD_CAPACITY", 0.0)
         self.mod_every = self._get("MOD_EVERY", 2)
         self.mod_aux_weight = self._get("MOD_AUX_WEIGHT", 0.01)
+        # Seed-LoRA (PR #1783): with SEED_LORA_RANK > 0, the shared block's SEED_LORA_TARGETS
+        # matrices (mlp, attn or all) are frozen random sign maps regenerated from integer seeds
+        # plus trained rank-SEED_LORA_RANK adapters; only adapters, seeds and checksums are stored.
+        self.seed_lora_rank = self._get("SEED_LORA_RANK", 0)
+        self.seed_lora_targets = self._get("SEED_LORA_TARGETS", "mlp")
         # Hash n-gram embeddings: (previous, current) and (two back, previous, current) input
         # tokens hashed into tables of HASH_EMBED_DIM, projected and added to the token embedding.
         self.bigram_table_size = self._get("BIGRAM_TABLE_SIZE", 0)
@@ -243,7 +250,8 @@ class Hyperparameters:
                                  ("CHECKPOINT_EVERY", self.checkpoint_every, 0), ("CHECKPOINT_KEEP", self.checkpoint_keep, 1),
                                  ("DEQ_WARMUP_STEPS", self.deq_warmup_steps, 0), ("DEQ_ITERS", self.deq_iters, 2),
                                  ("EVAL_DEQ_ITERS", self.eval_deq_iters, 2), ("ANDERSON_M", self.anderson_m, 1),
-                                 ("PHANTOM_STEPS", self.phantom_steps, 1), ("MOD_EVERY", self.mod_every, 1)):
+                                 ("PHANTOM_STEPS", self.phantom_steps, 1), ("MOD_EVERY", self.mod_every, 1),
+                                 ("SEED_LORA_RANK", self.seed_lora_rank, 0)):
             if value < low:
                 raise RunError(f"{name}={value} must be at least {low}")
         if int(self.mlp_mult * self.model_dim) < 1:
@@ -252,7 +260,8 @@ class Hyperparameters:
             raise RunError(f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}: tokens would go unscored")
         for name, value, choices in (("TTT_MODE", self.ttt_mode, ("lora", "full")), ("TTT_RESET", self.ttt_reset, ("doc", "none")),
                                      ("QUANT_BITS", self.quant_bits, (5, 6, 7, 8)), ("EMBED_BITS", self.embed_bits, (5, 6, 7, 8, 16)),
-                                     ("COMPRESSOR", self.compressor, COMPRESSORS), ("QAT_MODE", self.qat_mode, ("noise", "ste"))):
+                                     ("COMPRESSOR", self.compressor, COMPRESSORS), ("QAT_MODE", self.qat_mode, ("noise", "ste")),
+                                     ("SEED_LORA_TARGETS", self.seed_lora_targets, ("mlp", "attn", "all"))):
             if value not in choices:
                 raise RunError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
         if self.deq and (self.unet_skips or self.mod_capacity):
@@ -542,7 +551,7 @@ class LoRA(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         shapes = {"head": (model.args.model_dim, model.args.vocab_size)}
         for i, attn in enumerate(model.block.attns):
-            shapes[f"q{i}"], shapes[f"v{i}"] = attn.c_q.weight.shape[::-1], attn.c_v.weight.shape[::-1]
+            shapes[f"q{i}"], shapes[f"v{i}"] = ((m.in_features, m.out_features) for m in (attn.c_q, attn.c_v))
         device = model.tok_emb.weight.device
         self.a = nn.ParameterDict({k: nn.Parameter(((torch.rand(lanes, rank, fan_in, generator=gen) * 2 - 1)
                                                     / math.sqrt(fan_in)).to(device)) for k, (fan_in, _) in shapes.items()})
@@ -924,6 +933,42 @@ class CastedLinear(nn.Linear):
         return F.linear(x, w.to(x.dtype))
 
 
+def seeded_signs(rows: int, cols: int, seed: int) -> tuple[Tensor, int]:
+    """A random +-1/sqrt(cols) matrix from its own CPU generator (integer draws only, so the same
+    on every machine and device) and a checksum of its signs."""
+    signs = torch.randint(0, 2, (rows, cols), generator=torch.Generator().manual_seed(seed), dtype=torch.int8) * 2 - 1
+    checksum = int.from_bytes(hashlib.sha256(signs.numpy().tobytes()).digest()[:8], "little", signed=True)
+    return signs.float() / math.sqrt(cols), checksum
+
+
+class SeedLoRALinear(nn.Module):
+    # W = R(seed) + B @ A: R is regenerated, never stored (a non-persistent buffer); the seed and a
+    # checksum of R are. B starts at zero, so training starts from the random map. Loading
+    # regenerates R and refuses a checksum that does not match.
+    def __init__(self, in_features: int, out_features: int, rank: int, seed: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        random_map, checksum = seeded_signs(out_features, in_features, seed)
+        self.register_buffer("random_map", random_map, persistent=False)
+        self.register_buffer("seed", torch.tensor(seed))
+        self.register_buffer("checksum", torch.tensor(checksum))
+        self.lora_a = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, x: Tensor, qat: QAT | None = None) -> Tensor:
+        return F.linear(x, (self.random_map + self.lora_b @ self.lora_a).to(x.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        seed, checksum = state_dict.get(prefix + "seed"), state_dict.get(prefix + "checksum")
+        if seed is not None and checksum is not None:
+            random_map, expected = seeded_signs(self.out_features, self.in_features, int(seed))
+            if int(checksum) != expected:
+                raise RunError(f"{prefix}random_map: regenerating seed {int(seed)} gives checksum {expected}, "
+                               f"the weights say {int(checksum)}")
+            self.random_map.copy_(random_map)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def add_lora(y: Tensor, x: Tensor, lora: tuple[Tensor, Tensor] | None) -> Tensor:
     # y + x @ A^T @ B^T with one adapter pair per sequence (TTT's per-document LoRA).
     if lora is None:
@@ -950,15 +995,18 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+LinearFactory = Callable[[int, int], nn.Module]  # (in_features, out_features) -> a linear of the block
+
+
 class CausalSelfAttention(nn.Module):
     # GQA with RoPE, q/k RMSNorm and a learned per-head query gain, as in the baseline.
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, linear: LinearFactory):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
-        self.c_q = CastedLinear(dim, dim, bias=False)
-        self.c_k = CastedLinear(dim, num_kv_heads * self.head_dim, bias=False)
-        self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim, bias=False)
-        self.proj = CastedLinear(dim, dim, bias=False)
+        self.c_q = linear(dim, dim)
+        self.c_k = linear(dim, num_kv_heads * self.head_dim)
+        self.c_v = linear(dim, num_kv_heads * self.head_dim)
+        self.proj = linear(dim, dim)
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
 
@@ -979,11 +1027,11 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     # fc -> relu^2 -> (mid -> relu^2) x (layers - 2) -> proj. Two layers give the baseline MLP;
     # PR #1088 uses three.
-    def __init__(self, dim: int, hidden: int, layers: int):
+    def __init__(self, dim: int, hidden: int, layers: int, linear: LinearFactory):
         super().__init__()
-        self.fc = CastedLinear(dim, hidden, bias=False)
-        self.mids = nn.ModuleList([CastedLinear(hidden, hidden, bias=False) for _ in range(layers - 2)])
-        self.proj = CastedLinear(hidden, dim, bias=False)
+        self.fc = linear(dim, hidden)
+        self.mids = nn.ModuleList([linear(hidden, hidden) for _ in range(layers - 2)])
+        self.proj = linear(hidden, dim)
         self.proj._zero_init = True
 
     def forward(self, x: Tensor, qat: QAT | None) -> Tensor:
@@ -1026,12 +1074,14 @@ class DepthControls(nn.Module):
 class SharedBlock(nn.Module):
     # Residual mix with the embedding, ATTN_PER_BLOCK attention sublayers, then the MLP; each
     # sublayer is pre-norm with the depth's bias and adds its output times the depth's scale.
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args: Hyperparameters, seeds: Iterator[int]):
         super().__init__()
-        dim = args.model_dim
-        self.attns = nn.ModuleList([CausalSelfAttention(dim, args.num_heads, args.num_kv_heads, args.qk_gain_init)
+        dim, rank, targets = args.model_dim, args.seed_lora_rank, args.seed_lora_targets
+        factory = lambda kind: lambda i, o: SeedLoRALinear(i, o, rank, next(seeds)) \
+            if rank and targets in (kind, "all") else CastedLinear(i, o, bias=False)
+        self.attns = nn.ModuleList([CausalSelfAttention(dim, args.num_heads, args.num_kv_heads, args.qk_gain_init, factory("attn"))
                                     for _ in range(args.attn_per_block)])
-        self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_layers)
+        self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_layers, factory("mlp"))
 
     def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], qat: QAT | None,
                 lora: dict[str, tuple[Tensor, Tensor]], attn_mask: Tensor | None = None) -> Tensor:
@@ -1111,8 +1161,9 @@ class GPT(nn.Module):
         self.args = args
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         self.hash_emb = HashEmbedding(args) if args.bigram_table_size or args.trigram_table_size else None
-        self.block = SharedBlock(args)
-        self.decoder_block = SharedBlock(args) if args.unet_weights == 2 else None
+        seeds = itertools.count()  # Seed-LoRA's matrix seeds, in construction order
+        self.block = SharedBlock(args, seeds)
+        self.decoder_block = SharedBlock(args, seeds) if args.unet_weights == 2 else None
         self.controls = DepthControls(args.max_depth, args.attn_per_block, args.model_dim, args.norm_bias, args.unet_skips,
                                       args.mod_capacity > 0)
         self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
@@ -1123,7 +1174,7 @@ class GPT(nn.Module):
         if args.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=args.tied_embed_init_std)
         for module in self.modules():
-            if getattr(module, "_zero_init", False):
+            if getattr(module, "_zero_init", False) and isinstance(module, CastedLinear):
                 nn.init.zeros_(module.weight)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int,
@@ -1596,6 +1647,11 @@ def main() -> None:
     schedule = args.layer_schedule
 
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
+    seeded = [m for m in base_model.modules() if isinstance(m, SeedLoRALinear)]
+    if seeded:
+        log(f"seed_lora targets:{args.seed_lora_targets} rank:{args.seed_lora_rank} matrices:{len(seeded)} "
+            f"regenerated_params:{sum(m.random_map.numel() for m in seeded)} (not stored) "
+            f"adapter_params:{sum(m.lora_a.numel() + m.lora_b.numel() for m in seeded)}")
     code_bytes = len(code.encode("utf-8"))
     estimate = estimate_artifact_bytes(base_model.state_dict(), args) + code_bytes
     verdict = "likely fits" if estimate < 0.95 * SIZE_CAP_BYTES else \
