@@ -171,6 +171,28 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, dataset):
     assert missing.returncode == 1 and "RESUME_FROM=latest: no checkpoints/nothing/step*.pt" in missing.stderr
 
 
+@pytest.mark.parametrize("system", ["deq", "mod_seed_lora"])
+def test_pr1783_systems_run_end_to_end(tmp_path, dataset, system):
+    env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "16", "ITERATIONS": "6", "VAL_LOSS_EVERY": "0"}
+    if system == "deq":
+        env.update(DEQ="1", DEQ_WARMUP_STEPS="3", NUM_LAYER_SCHEDULE="0:2", DEQ_ITERS="4", EVAL_DEQ_ITERS="6")
+    else:
+        env.update(MOD_CAPACITY="0.5", SEED_LORA_RANK="4", SEED_LORA_TARGETS="all", NUM_LAYER_SCHEDULE="0:2,3:4")
+    result = run_script(tmp_path, env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "recompiles_after_warmup:0" in out
+    if system == "deq":
+        assert "layer_schedule_advance:step:3 active_num_layers:0" in out
+        assert "deq_solve_start step:3 deq_iters:4 eval_deq_iters:6 anderson_m:5 phantom_steps:4" in out
+        assert len(re.findall(r"^step:[4-6]/6 train_loss:\S+ .* deq_residual:\d+\.\d+$", out, re.M)) == 3
+        assert re.search(r"^deq_residual eval_deq_iters:6 residual:\d+\.\d+$", out, re.M)
+    else:
+        assert re.search(r"^seed_lora targets:all rank:4 matrices:7 regenerated_params:\d+ \(not stored\) adapter_params:\d+$", out, re.M)
+        assert re.search(r"^mod_routing causal_val_bpb:\S+ topk_val_bpb:\S+ gap:\S+ ", out, re.M)
+    assert re.search(r"^compliance .*:ok val_tokens_trained_before_scoring:0 score:final_sliding_window_exact", out, re.M)
+
+
 def test_two_gloo_ranks_match_one_process(tmp_path, dataset):
     env = {**dataset, **RUN, "ITERATIONS": "4", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0"}
     (tmp_path / "one").mkdir()
@@ -228,6 +250,10 @@ BAD = {
     "unet weights": ({"UNET_WEIGHTS": "3", "UNET_SKIPS": "1"}, "UNET_WEIGHTS=3"),
     "one bucket": ({"BIGRAM_TABLE_SIZE": "1"}, "BIGRAM_TABLE_SIZE=1"),
     "missing checkpoint": ({"RESUME_FROM": "/nonexistent/step4.pt"}, "RESUME_FROM=/nonexistent/step4.pt"),
+    "deq with unet": ({"DEQ": "1", "UNET_SKIPS": "1"}, "DEQ=1"),
+    "mod capacity": ({"MOD_CAPACITY": "1.5"}, "MOD_CAPACITY=1.5"),
+    "phantom lambda": ({"PHANTOM_LAMBDA": "0"}, "PHANTOM_LAMBDA=0"),
+    "seed lora targets": ({"SEED_LORA_RANK": "4", "SEED_LORA_TARGETS": "emb"}, "SEED_LORA_TARGETS"),
     "short validation": ({"TRAIN_SEQ_LEN": "262144", "TRAIN_BATCH_TOKENS": "2097152"}, "validation split"),
 }
 
