@@ -188,7 +188,7 @@ def test_pr1783_systems_run_end_to_end(tmp_path, dataset, system):
         assert len(re.findall(r"^step:[4-6]/6 train_loss:\S+ .* deq_residual:\d+\.\d+$", out, re.M)) == 3
         assert re.search(r"^deq_residual eval_deq_iters:6 residual:\d+\.\d+$", out, re.M)
     else:
-        assert re.search(r"^seed_lora targets:all rank:4 matrices:7 regenerated_params:\d+ \(not stored\) adapter_params:\d+$", out, re.M)
+        assert re.search(r"^seed_lora targets:all rank:4 matrices:11 regenerated_params:\d+ \(not stored\) adapter_params:\d+$", out, re.M)
         assert re.search(r"^mod_routing causal_val_bpb:\S+ topk_val_bpb:\S+ gap:\S+ ", out, re.M)
     assert re.search(r"^compliance .*:ok val_tokens_trained_before_scoring:0 score:final_sliding_window_exact", out, re.M)
 
