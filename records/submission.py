@@ -15,9 +15,11 @@ least 0.005 nats lower at p < 0.01, tested here one-sided with the seeds as the 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import importlib.util
 import json
+import lzma
 import math
 import re
 import shutil
@@ -304,6 +306,23 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
+PACKED_PREFIX = "import base64, lzma\nexec(lzma.decompress(base64.b85decode("
+
+
+def pack(source: str) -> str:
+    """A self-extracting train_gpt.py: the same program, lzma-compressed and base85-encoded, as
+    record submissions ship it. Run as a script, `__file__` is the packed file, so the run's
+    code-byte count measures the packed bytes."""
+    blob = base64.b85encode(lzma.compress(source.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
+    return f'{PACKED_PREFIX}"{blob}")))\n'
+
+
+def unpack(code: str) -> str | None:
+    """The readable source inside a packed file, or None when `code` is not packed."""
+    match = re.fullmatch(re.escape(PACKED_PREFIX) + r'"([^"]*)"\)\)\)\n', code)
+    return lzma.decompress(base64.b85decode(match.group(1))).decode("utf-8") if match else None
+
+
 def make(args: argparse.Namespace) -> Path:
     runs = load_runs(args.logs)
     check_compliance(runs, args.track)
@@ -318,6 +337,9 @@ def make(args: argparse.Namespace) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         (tmp / "train_gpt.py").write_text(runs[0].code, encoding="utf-8")
+        readable = unpack(runs[0].code)
+        if readable is not None:  # ship the source the packed file was made from beside it
+            (tmp / "train_gpt_readable.py").write_text(readable, encoding="utf-8")
         for r in runs:
             shutil.copyfile(r.path, tmp / f"train_seed{r.seed}.log")
         has_plot = True
@@ -343,7 +365,10 @@ def main(argv: list[str] | None = None) -> None:
     stats_p = sub.add_parser("stats", help="per-seed table and significance, nothing written")
     make_p = sub.add_parser("make", help="write records/<track>/<date>_<Name>/")
     plot_p = sub.add_parser("plot", help="loss curves of the logs as a PNG")
-    for p in (stats_p, make_p, plot_p):
+    pack_p = sub.add_parser("pack", help="write a self-extracting train_gpt.py to run record seeds with")
+    pack_p.add_argument("source", help="the readable train_gpt.py")
+    pack_p.add_argument("-o", "--out", required=True)
+    for p in (stats_p, make_p, plot_p):  # pack takes a source file, not logs
         p.add_argument("logs", nargs="+", help="train_gpt.py logs, one per seed")
     for p in (stats_p, make_p):
         p.add_argument("--beat", type=float, help="previous record's val_loss (nats) to beat by 0.005")
@@ -357,6 +382,17 @@ def main(argv: list[str] | None = None) -> None:
     plot_p.add_argument("-o", "--out", default="loss_curve.png")
     args = parser.parse_args(argv)
     try:
+        if args.command == "pack":
+            source = Path(args.source).read_text(encoding="utf-8")
+            packed, out = pack(source), Path(args.out)
+            if out.resolve() == Path(args.source).resolve():
+                raise SubmissionError("--out must not overwrite the readable source")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(packed, encoding="utf-8")
+            tmp.replace(out)
+            print(f"{out}: {len(packed.encode())} bytes (readable source: {len(source.encode())} bytes)")
+            return
         if args.command == "plot":
             plot(load_runs(args.logs), Path(args.out))
             print(args.out)

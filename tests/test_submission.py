@@ -172,3 +172,32 @@ def test_plot_writes_a_png_or_says_how_to_get_matplotlib(tmp_path, logs, monkeyp
     submission.plot(runs, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
+
+
+def test_packed_script_runs_identically_and_counts_its_own_bytes(tmp_path, dataset):
+    import os
+    import subprocess
+    packed = tmp_path / "packed" / "train_gpt.py"
+    submission.main(["pack", str(REPO / "train_gpt.py"), "-o", str(packed)])
+    readable = (REPO / "train_gpt.py").read_text()
+    assert submission.unpack(packed.read_text()) == readable
+    assert packed.stat().st_size < 0.5 * len(readable.encode())
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **dataset, **RUN, "ITERATIONS": "3", "RUN_ID": "p"}
+    outs = {}
+    for name, script in (("readable", REPO / "train_gpt.py"), ("packed", packed)):
+        (tmp_path / name).mkdir(exist_ok=True)
+        result = subprocess.run([sys.executable, str(script)], cwd=tmp_path / name, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outs[name] = result.stdout
+    strip = lambda out: [re.sub(r"(train_time|eval_time|step_avg|tokens_per_s):\S+", "", l) for l in out.splitlines()
+                         if l.startswith(("step:", "final_", "quant_gap"))]
+    assert strip(outs["readable"]) == strip(outs["packed"]) and len(strip(outs["packed"])) > 8
+    code_bytes = int(re.search(r"\(code:(\d+) bytes\)", outs["packed"]).group(1))
+    assert code_bytes == packed.stat().st_size
+    # the submission folder ships the packed file and the source it came from
+    folder = submission.make(argparse.Namespace(
+        logs=[str(tmp_path / "packed" / "logs" / "p.txt")], name="Packed", author="A", github_id="a", blurb="",
+        track="track_10min_16mb", date="2026-11-25", root=str(tmp_path / "records"), beat=None))
+    assert (folder / "train_gpt.py").read_bytes() == packed.read_bytes()
+    assert (folder / "train_gpt_readable.py").read_text() == readable
