@@ -19,17 +19,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 
 
-def main(path: str) -> None:
+def scoring_setup(state: dict, device: torch.device):
+    """The model of the environment's shape holding `state`, the validation tokens, the byte
+    tables, the last scheduled depth, and the plain (baseline) evaluation of them."""
     args = train_gpt.Hyperparameters()
     args.validate()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = train_gpt.GPT(args).to(device)
-    model.load_state_dict(train_gpt.load_artifact(path), strict=True)
+    model.load_state_dict(state, strict=True)
     val_tokens = train_gpt.load_validation_tokens(args.val_files, args.train_seq_len)
     luts = train_gpt.build_byte_luts(spm.SentencePieceProcessor(model_file=args.tokenizer_path), args.vocab_size, device)
-    depth, n = args.layer_schedule[-1][1], val_tokens.numel() - 1
-    runs = {"plain": lambda: train_gpt.evaluate(model, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len,
-                                                train_gpt.val_batch_seqs(args, 1))}
+    depth = args.layer_schedule[-1][1]
+    plain = lambda: train_gpt.evaluate(model, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len,
+                                       train_gpt.val_batch_seqs(args, 1))
+    return args, model, val_tokens, luts, depth, plain
+
+
+def main(path: str) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args, model, val_tokens, luts, depth, plain = scoring_setup(train_gpt.load_artifact(path), device)
+    n = val_tokens.numel() - 1
+    runs = {"plain": plain}
     if args.eval_stride:
         runs[f"sliding stride:{args.eval_stride}"] = lambda: train_gpt.evaluate(
             model, val_tokens, luts, depth, args.eval_seq_len, args.eval_stride, args.eval_batch_seqs)

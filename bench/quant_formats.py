@@ -15,11 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
+from eval_artifact import scoring_setup  # noqa: E402
 
 FORMATS = {
     "int8+zlib": {},
@@ -35,18 +35,9 @@ FORMATS = {
 
 
 def main(path: str) -> None:
-    base = train_gpt.Hyperparameters()
-    base.validate()
-    model = train_gpt.GPT(base)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    val_tokens = train_gpt.load_validation_tokens(base.val_files, base.train_seq_len)
-    luts = train_gpt.build_byte_luts(spm.SentencePieceProcessor(model_file=base.tokenizer_path), base.vocab_size,
-                                     torch.device("cpu"))
-    depth = base.layer_schedule[-1][1]
-    score = lambda: train_gpt.evaluate(model, val_tokens, luts, depth, base.train_seq_len, base.train_seq_len,
-                                       train_gpt.val_batch_seqs(base, 1))[1]
+    _, model, _, _, depth, plain = scoring_setup(state, torch.device("cpu"))
+    score = lambda: plain()[1]
     float_bpb = score()
     params = sum(t.numel() for t in state.values())
     print(f"model:{path} depth:{depth} params:{params} float val_bpb:{float_bpb:.6f}")
