@@ -91,11 +91,17 @@ class Hyperparameters:
         self.rope_base = self._get("ROPE_BASE", 10000.0)
         self.logit_softcap = self._get("LOGIT_SOFTCAP", 30.0)
         self.qk_gain_init = self._get("QK_GAIN_INIT", 1.5)
-        # "step:depth,..." -- depth of the shared block from each step on.
+        # "step:depth,..." -- depth of the shared core from each step on.
         self.num_layer_schedule = self._get("NUM_LAYER_SCHEDULE", "0:2,2000:6")
-        # U-Net across passes (PR #470): the first half of the passes stores its outputs, the
-        # second half adds them back in reverse order, times learned per-pass skip weights.
-        # UNET_WEIGHTS=2 gives the encoder and the decoder half their own shared block.
+        # Unique blocks before and after the shared core: the layer stack is NUM_STEM_BLOCKS, then
+        # the core's passes, then NUM_TAIL_BLOCKS. 0 and 0 is PR #1088; 4, "0:1" and 4 (one
+        # attention, MLP x2, no norm biases, U-Net skips, tied embeddings, width 512) is the
+        # challenge's 9-layer baseline.
+        self.num_stem_blocks = self._get("NUM_STEM_BLOCKS", 0)
+        self.num_tail_blocks = self._get("NUM_TAIL_BLOCKS", 0)
+        # U-Net across the stack (PR #470): its first half stores its outputs, the second half adds
+        # them back in reverse order, times learned skip weights. UNET_WEIGHTS=2 gives the core's
+        # passes in each half their own shared block.
         self.unet_skips = self._get("UNET_SKIPS", False)
         self.unet_weights = self._get("UNET_WEIGHTS", 1)
         # DEQ (PR #1783): after DEQ_WARMUP_STEPS of unrolled passes of one map z -> f(z, x) (the
@@ -224,7 +230,7 @@ class Hyperparameters:
     def pass_cost(self, depth: int) -> float:
         # Relative step cost, to guess a new phase's step time: a no-grad solver iteration is about
         # a third of a pass with its backward.
-        return depth or self.deq_iters / 3 + self.phantom_steps
+        return self.num_stem_blocks + self.num_tail_blocks + (depth or self.deq_iters / 3 + self.phantom_steps)
 
     @property
     def max_depth(self) -> int:
@@ -251,7 +257,8 @@ class Hyperparameters:
                                  ("DEQ_WARMUP_STEPS", self.deq_warmup_steps, 0), ("DEQ_ITERS", self.deq_iters, 2),
                                  ("EVAL_DEQ_ITERS", self.eval_deq_iters, 2), ("ANDERSON_M", self.anderson_m, 1),
                                  ("PHANTOM_STEPS", self.phantom_steps, 1), ("MOD_EVERY", self.mod_every, 1),
-                                 ("SEED_LORA_RANK", self.seed_lora_rank, 0)):
+                                 ("SEED_LORA_RANK", self.seed_lora_rank, 0), ("NUM_STEM_BLOCKS", self.num_stem_blocks, 0),
+                                 ("NUM_TAIL_BLOCKS", self.num_tail_blocks, 0)):
             if value < low:
                 raise RunError(f"{name}={value} must be at least {low}")
         if int(self.mlp_mult * self.model_dim) < 1:
@@ -276,8 +283,10 @@ class Hyperparameters:
             raise RunError(f"WARMDOWN_START_STEP={self.warmdown_start_step} must be below ITERATIONS={self.iterations}")
         if self.unet_weights > 2 or self.unet_weights == 2 and not self.unet_skips:
             raise RunError(f"UNET_WEIGHTS={self.unet_weights}: 1, or 2 with UNET_SKIPS=1")
-        if self.unet_weights == 2 and min(d for _, d in self.layer_schedule) < 2:
-            raise RunError("UNET_WEIGHTS=2 needs every depth of NUM_LAYER_SCHEDULE to be at least 2 (encoder and decoder)")
+        stem, tail = self.num_stem_blocks, self.num_tail_blocks
+        if self.unet_weights == 2 and any(not stem < (stem + d + tail) // 2 < stem + d for _, d in self.layer_schedule):
+            raise RunError("UNET_WEIGHTS=2 needs core passes in both halves of the stack at every depth of "
+                           f"NUM_LAYER_SCHEDULE (with NUM_STEM_BLOCKS={stem} and NUM_TAIL_BLOCKS={tail})")
         for name, size in (("BIGRAM_TABLE_SIZE", self.bigram_table_size), ("TRIGRAM_TABLE_SIZE", self.trigram_table_size)):
             if size == 1:
                 raise RunError(f"{name}=1: a table needs at least 2 buckets (one is kept for 'no context')")
@@ -654,7 +663,7 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
 # and the score is computed on the dequantized model. Small and per-depth control tensors stay
 # float. QAT trains against the same grid: `quantize_rows` is the one definition of it.
 
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "norm_bias", "q_gain", "skip_weight", "router")
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "norm_bias", "q_gain", "skip_weights", "router")
 EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight", "hash_emb.bigram.weight", "hash_emb.trigram.weight")
 KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost more in scales/metadata than they save
 CLIP_Q = 0.9999984  # the baseline's per-row clip percentile of |w|
@@ -1047,33 +1056,32 @@ class DepthControl(NamedTuple):
     attn_scale: Tensor  # [attn_per_block, dim]
     mlp_norm_bias: Tensor | None  # [dim]
     mlp_scale: Tensor  # [dim]
-    skip_weight: Tensor | None  # [dim]: weight of the U-Net skip a decoder pass adds
     router: Tensor | None  # [dim]: Mixture-of-Depths router of a routed pass
 
 
 class DepthControls(nn.Module):
-    # The per-depth parameters of the shared block, one row per depth. The pre-norm bias acts as a
-    # depth embedding; PR #1088's author found it is what makes one shared block work. Indexing a
-    # row keeps every parameter in the graph, so DDP sees no unused parameters at shallow depths.
-    def __init__(self, max_depth: int, attn_per_block: int, dim: int, norm_bias: bool, unet_skips: bool, mod: bool):
+    # The per-layer parameters of the stack, one row per stem block, core depth and tail block. The
+    # pre-norm bias acts as a depth embedding; PR #1088's author found it is what makes one shared
+    # block work. Indexing a row keeps every parameter in the graph, so DDP sees no unused
+    # parameters at shallow depths.
+    def __init__(self, rows: int, attn_per_block: int, dim: int, norm_bias: bool, mod: bool):
         super().__init__()
-        self.resid_mix = nn.Parameter(torch.stack([torch.ones(max_depth, dim), torch.zeros(max_depth, dim)], dim=1))
-        self.attn_scale = nn.Parameter(torch.ones(max_depth, attn_per_block, dim))
-        self.mlp_scale = nn.Parameter(torch.ones(max_depth, dim))
-        self.attn_norm_bias = nn.Parameter(torch.zeros(max_depth, attn_per_block, dim)) if norm_bias else None
-        self.mlp_norm_bias = nn.Parameter(torch.zeros(max_depth, dim)) if norm_bias else None
-        self.skip_weight = nn.Parameter(torch.ones(max_depth, dim)) if unet_skips else None
-        self.router = nn.Parameter(torch.zeros(max_depth, dim)) if mod else None
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(rows, dim), torch.zeros(rows, dim)], dim=1))
+        self.attn_scale = nn.Parameter(torch.ones(rows, attn_per_block, dim))
+        self.mlp_scale = nn.Parameter(torch.ones(rows, dim))
+        self.attn_norm_bias = nn.Parameter(torch.zeros(rows, attn_per_block, dim)) if norm_bias else None
+        self.mlp_norm_bias = nn.Parameter(torch.zeros(rows, dim)) if norm_bias else None
+        self.router = nn.Parameter(torch.zeros(rows, dim)) if mod else None
 
-    def at(self, depth: int) -> DepthControl:
-        row = (lambda p: None if p is None else p[depth])
-        return DepthControl(self.resid_mix[depth], row(self.attn_norm_bias), self.attn_scale[depth],
-                            row(self.mlp_norm_bias), self.mlp_scale[depth], row(self.skip_weight), row(self.router))
+    def at(self, row: int) -> DepthControl:
+        get = (lambda p: None if p is None else p[row])
+        return DepthControl(self.resid_mix[row], get(self.attn_norm_bias), self.attn_scale[row],
+                            get(self.mlp_norm_bias), self.mlp_scale[row], get(self.router))
 
 
-class SharedBlock(nn.Module):
+class Block(nn.Module):
     # Residual mix with the embedding, ATTN_PER_BLOCK attention sublayers, then the MLP; each
-    # sublayer is pre-norm with the depth's bias and adds its output times the depth's scale.
+    # sublayer is pre-norm with the layer's bias and adds its output times the layer's scale.
     def __init__(self, args: Hyperparameters, seeds: Iterator[int]):
         super().__init__()
         dim, rank, targets = args.model_dim, args.seed_lora_rank, args.seed_lora_targets
@@ -1084,7 +1092,7 @@ class SharedBlock(nn.Module):
         self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_layers, factory("mlp"))
 
     def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], qat: QAT | None,
-                lora: dict[str, tuple[Tensor, Tensor]], attn_mask: Tensor | None = None) -> Tensor:
+                lora: dict[str, tuple[Tensor, Tensor]] = {}, attn_mask: Tensor | None = None) -> Tensor:
         mix = c.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         for i, attn in enumerate(self.attns):
@@ -1162,10 +1170,16 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
         self.hash_emb = HashEmbedding(args) if args.bigram_table_size or args.trigram_table_size else None
         seeds = itertools.count()  # Seed-LoRA's matrix seeds, in construction order
-        self.block = SharedBlock(args, seeds)
-        self.decoder_block = SharedBlock(args, seeds) if args.unet_weights == 2 else None
-        self.controls = DepthControls(args.max_depth, args.attn_per_block, args.model_dim, args.norm_bias, args.unet_skips,
-                                      args.mod_capacity > 0)
+        self.stem = nn.ModuleList([Block(args, seeds) for _ in range(args.num_stem_blocks)])
+        self.block = Block(args, seeds)  # the shared core
+        self.decoder_block = Block(args, seeds) if args.unet_weights == 2 else None
+        self.tail = nn.ModuleList([Block(args, seeds) for _ in range(args.num_tail_blocks)])
+        # Control rows: the stem's, the core's (one per depth; a DEQ's passes share one), the tail's.
+        self.core_rows = 1 if args.deq else args.max_depth
+        self.controls = DepthControls(len(self.stem) + self.core_rows + len(self.tail), args.attn_per_block, args.model_dim,
+                                      args.norm_bias, args.mod_capacity > 0)
+        layers = len(self.stem) + args.max_depth + len(self.tail)
+        self.skip_weights = nn.Parameter(torch.ones(layers // 2, args.model_dim)) if args.unet_skips else None
         self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
@@ -1179,10 +1193,11 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int,
                 lora: dict[str, tuple[Tensor, Tensor]] | None = None, topk_routing: bool | None = None) -> Tensor:
-        """Per-position next-token loss in nats, shape [batch, seq], after `depth` shared-block passes
-        (DEQ_SOLVE: the DEQ fixed point), with TTT's per-sequence adapters when `lora` is given.
-        Training adds the Mixture-of-Depths router loss to each position's. Routed passes pick the
-        top-k tokens in training, and by the causal rule otherwise (`topk_routing` overrides)."""
+        """Per-position next-token loss in nats, shape [batch, seq], after the stem, `depth` passes of
+        the core (DEQ_SOLVE: its DEQ fixed point) and the tail, with TTT's per-sequence adapters on
+        the core when `lora` is given. Training adds the Mixture-of-Depths router loss to each
+        position's. Routed passes pick the top-k tokens in training, and by the causal rule
+        otherwise (`topk_routing` overrides)."""
         args = self.args
         qat = QAT(self.qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode == "ste") \
             if self.training and args.noisy_qat else None
@@ -1194,23 +1209,30 @@ class GPT(nn.Module):
         x = x0 = rms_norm(x)
         rope = rotary_tables(input_ids.size(1), args.model_dim // args.num_heads, args.rope_base, input_ids.device)
         router_loss = torch.zeros_like(input_ids, dtype=torch.float32)
-        if args.deq and depth == DEQ_SOLVE:
-            x = self.deq_solve(x0, rope, qat, lora)
-        encoder_passes = depth // 2 if args.unet_skips else 0  # with depth 1, no skips
+        solve = args.deq and depth == DEQ_SOLVE
+        stem, core = len(self.stem), 1 if solve else depth
+        layers = stem + core + len(self.tail)
+        encoder = layers // 2 if args.unet_skips else 0  # with one layer, no skips
         skips: list[Tensor] = []
-        for d in range(depth):
-            c = self.controls.at(0 if args.deq else d)
-            block = self.block
-            if d >= encoder_passes:
-                block = self.decoder_block or self.block
-                if skips:
-                    x = x + c.skip_weight.to(x.dtype) * skips.pop()
-            if c.router is not None and d % args.mod_every == args.mod_every - 1:
-                x, loss = self.routed_pass(block, x, x0, c, rope, qat, lora, topk_routing)
-                router_loss = router_loss + loss
+        for i in range(layers):
+            if i >= encoder and skips:
+                x = x + self.skip_weights[i - encoder].to(x.dtype) * skips.pop()
+            d = i - stem  # the core's pass
+            if d < 0:
+                x = self.stem[i](x, x0, self.controls.at(i), rope, qat)
+            elif d >= core:
+                x = self.tail[d - core](x, x0, self.controls.at(stem + self.core_rows + d - core), rope, qat)
+            elif solve:
+                x = self.deq_solve(x, rope, qat, lora)
             else:
-                x = block(x, x0, c, rope, qat, lora)
-            if d < encoder_passes:
+                c = self.controls.at(stem + (0 if args.deq else d))
+                block = self.decoder_block if self.decoder_block is not None and i >= encoder else self.block
+                if c.router is not None and d % args.mod_every == args.mod_every - 1:
+                    x, loss = self.routed_pass(block, x, x0, c, rope, qat, lora, topk_routing)
+                    router_loss = router_loss + loss
+                else:
+                    x = block(x, x0, c, rope, qat, lora)
+            if i < encoder:
                 skips.append(x)
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
@@ -1219,7 +1241,7 @@ class GPT(nn.Module):
         nats = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
         return nats + args.mod_aux_weight * router_loss if self.training else nats
 
-    def routed_pass(self, block: SharedBlock, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor],
+    def routed_pass(self, block: Block, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor],
                     qat: QAT | None, lora: dict, topk: bool) -> tuple[Tensor, Tensor]:
         """One Mixture-of-Depths pass: the chosen tokens get weight * (block update); the rest
         pass unchanged. Returns the new stream and the router's per-position BCE toward the
@@ -1246,13 +1268,14 @@ class GPT(nn.Module):
             return x, torch.zeros_like(logits)
         return x, F.binary_cross_entropy_with_logits(logits, chosen.float(), reduction="none")
 
-    def deq_solve(self, x0: Tensor, rope: tuple[Tensor, Tensor], qat: QAT | None, lora: dict) -> Tensor:
-        """The fixed point of z -> block(z, x0), found without gradients, then PHANTOM_STEPS
-        damped steps with them (the unrolled phantom gradient; 1 step at lambda 1 is JFB)."""
-        args, c = self.args, self.controls.at(0)
-        f = lambda z: self.block(z, x0, c, rope, qat, lora)
+    def deq_solve(self, u: Tensor, rope: tuple[Tensor, Tensor], qat: QAT | None, lora: dict) -> Tensor:
+        """The fixed point of z -> block(z, u), u the stem's output (the embedding without a stem),
+        found without gradients from z = u, then PHANTOM_STEPS damped steps with them (the unrolled
+        phantom gradient; 1 step at lambda 1 is JFB)."""
+        args, c = self.args, self.controls.at(len(self.stem))
+        f = lambda z: self.block(z, u, c, rope, qat, lora)
         with torch.no_grad():
-            z, residual = anderson(f, x0, args.deq_iters if self.training else args.eval_deq_iters, args.anderson_m,
+            z, residual = anderson(f, u, args.deq_iters if self.training else args.eval_deq_iters, args.anderson_m,
                                    args.anderson_lambda, args.anderson_beta, args.deq_tol if self.training else 0.0)
             self.deq_residual.copy_(residual)
         for _ in range(args.phantom_steps):
@@ -1292,11 +1315,13 @@ def setup_distributed() -> tuple[bool, int, int, torch.device]:
 
 
 def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
-    # Muon for the shared blocks' matrices (and the hash projection); Adam for embeddings, head,
-    # gains and per-depth controls.
-    named = [(n, p) for n, p in model.named_parameters() if n.startswith(("block.", "decoder_block.", "hash_emb.proj."))]
+    # Muon for the blocks' matrices (and the hash projection); Adam for embeddings, head, gains,
+    # per-layer controls and skip weights.
+    named = [(n, p) for n, p in model.named_parameters()
+             if n.startswith(("stem.", "block.", "decoder_block.", "tail.", "hash_emb.proj."))]
     matrices = [p for name, p in named if p.ndim == 2 and not is_control(name)]
-    scalars = [p for name, p in named if p.ndim != 2 or is_control(name)] + list(model.controls.parameters())
+    scalars = [p for name, p in named if p.ndim != 2 or is_control(name)] + list(model.controls.parameters()) \
+        + ([model.skip_weights] if model.skip_weights is not None else [])
     adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=next(model.parameters()).is_cuda)
     token_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
     tables = [t.weight for t in (model.hash_emb.bigram, model.hash_emb.trigram) if t is not None] if model.hash_emb else []
@@ -1663,7 +1688,7 @@ def main() -> None:
     log(f"attention_mode:gqa num_heads:{args.num_heads} num_kv_heads:{args.num_kv_heads} "
         f"attn_per_block:{args.attn_per_block} mlp_layers:{args.mlp_layers} mlp_hidden:{int(args.mlp_mult * args.model_dim)}")
     log(f"layer_schedule:{','.join(f'{s}:{d}' for s, d in schedule)} max_depth:{args.max_depth} "
-        f"norm_bias:{args.norm_bias}")
+        f"stem_blocks:{args.num_stem_blocks} tail_blocks:{args.num_tail_blocks} norm_bias:{args.norm_bias}")
     log(f"export:{format_name(args)} embed_bits:{args.embed_bits} clip_sigmas:{args.matrix_clip_sigmas},{args.embed_clip_sigmas} "
         f"noisy_qat:{args.noisy_qat} qat_mode:{args.qat_mode} qat_start_frac:{args.qat_start_frac} ema_decay:{args.ema_decay}")
     log(f"tie_embeddings:{args.tie_embeddings} embed_lr:{args.tied_embed_lr if args.tie_embeddings else args.embed_lr} "

@@ -60,7 +60,7 @@ def read_metrics(log: Path) -> dict[str, float] | None:
     return out
 
 
-def run(name: str, overrides: dict[str, str], seed: int, base: dict[str, str], out: Path) -> dict[str, float]:
+def run(name: str, overrides: dict[str, str], seed: int, base: dict[str, str], out: Path, script: Path) -> dict[str, float]:
     folder = out / f"{name}_seed{seed}"
     log = folder / "logs" / "golf.txt"
     done = read_metrics(log)
@@ -72,7 +72,7 @@ def run(name: str, overrides: dict[str, str], seed: int, base: dict[str, str], o
         log.unlink()  # an unfinished earlier attempt
     env = {**os.environ, **base, **overrides, "SEED": str(seed), "RUN_ID": "golf"}
     print(f"{folder.name}: running", flush=True)
-    result = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=folder, env=env,
+    result = subprocess.run([sys.executable, str(script)], cwd=folder, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = read_metrics(log)
     if metrics is None:
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="1337", help="comma-separated")
     parser.add_argument("--base", default=QUICKSTART, help="env shared by every run")
     parser.add_argument("--out", default="bench_runs/golf")
+    parser.add_argument("--script", default=str(REPO / "train_gpt.py"), help="a copy keeps edits out of a running benchmark")
     args = parser.parse_args(argv)
     base, seeds, out = env_pairs(args.base), [int(s) for s in args.seeds.split(",")], Path(args.out)
     configs = {}
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         if not re.fullmatch(r"[\w.-]+", name) or name in configs:
             raise SystemExit(f"error: config name {name!r} must be a unique word")
         configs[name] = env_pairs(rest)
-    results = {name: [run(name, overrides, seed, base, out) for seed in seeds] for name, overrides in configs.items()}
+    results = {name: [run(name, overrides, seed, base, out, Path(args.script).resolve()) for seed in seeds] for name, overrides in configs.items()}
     print(table(results))
 
 

@@ -175,9 +175,11 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, dataset):
 def test_pr1783_systems_run_end_to_end(tmp_path, dataset, system):
     env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "16", "ITERATIONS": "6", "VAL_LOSS_EVERY": "0"}
     if system == "deq":
-        env.update(DEQ="1", DEQ_WARMUP_STEPS="3", NUM_LAYER_SCHEDULE="0:2", DEQ_ITERS="4", EVAL_DEQ_ITERS="6")
+        env.update(DEQ="1", DEQ_WARMUP_STEPS="3", NUM_LAYER_SCHEDULE="0:2", DEQ_ITERS="4", EVAL_DEQ_ITERS="6",
+                   NUM_STEM_BLOCKS="1", NUM_TAIL_BLOCKS="1")
     else:
-        env.update(MOD_CAPACITY="0.5", SEED_LORA_RANK="4", SEED_LORA_TARGETS="all", NUM_LAYER_SCHEDULE="0:2,3:4")
+        env.update(MOD_CAPACITY="0.5", SEED_LORA_RANK="4", SEED_LORA_TARGETS="all", NUM_LAYER_SCHEDULE="0:2,3:4",
+                   NUM_TAIL_BLOCKS="1")
     result = run_script(tmp_path, env)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
@@ -188,7 +190,7 @@ def test_pr1783_systems_run_end_to_end(tmp_path, dataset, system):
         assert len(re.findall(r"^step:[4-6]/6 train_loss:\S+ .* deq_residual:\d+\.\d+$", out, re.M)) == 3
         assert re.search(r"^deq_residual eval_deq_iters:6 residual:\d+\.\d+$", out, re.M)
     else:
-        assert re.search(r"^seed_lora targets:all rank:4 matrices:11 regenerated_params:\d+ \(not stored\) adapter_params:\d+$", out, re.M)
+        assert re.search(r"^seed_lora targets:all rank:4 matrices:22 regenerated_params:\d+ \(not stored\) adapter_params:\d+$", out, re.M)
         assert re.search(r"^mod_routing causal_val_bpb:\S+ topk_val_bpb:\S+ gap:\S+ ", out, re.M)
     assert re.search(r"^compliance .*:ok val_tokens_trained_before_scoring:0 score:final_sliding_window_exact", out, re.M)
 
