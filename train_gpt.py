@@ -916,9 +916,10 @@ def inputs_and_targets(tokens: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
 # -----------------------------
 # MODEL
 # -----------------------------
-# One shared block is applied `depth` times. What differs per depth (pre-norm biases, output
-# scales, residual mixes) lives in DepthControls, indexed by depth and passed in at call time:
-# never a flag flipped on the shared module, which torch.compile would constant-fold.
+# One shared block (the core) is applied `depth` times, between optional unique stem and tail
+# blocks. What differs per layer (pre-norm biases, output scales, residual mixes) lives in
+# DepthControls, one row per layer, passed in at call time: never a flag flipped on the shared
+# module, which torch.compile would constant-fold.
 
 class QAT(NamedTuple):
     gate: Tensor  # 0.0 until QAT_START_FRAC, then 1.0: a tensor, so turning QAT on never recompiles
