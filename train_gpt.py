@@ -1319,10 +1319,9 @@ def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Opti
     # Muon for the blocks' matrices (and the hash projection); Adam for embeddings, head, gains,
     # per-layer controls and skip weights.
     named = [(n, p) for n, p in model.named_parameters()
-             if n.startswith(("stem.", "block.", "decoder_block.", "tail.", "hash_emb.proj."))]
+             if n.startswith(("stem.", "block.", "decoder_block.", "tail.", "hash_emb.proj.", "controls.", "skip_weights"))]
     matrices = [p for name, p in named if p.ndim == 2 and not is_control(name)]
-    scalars = [p for name, p in named if p.ndim != 2 or is_control(name)] + list(model.controls.parameters()) \
-        + ([model.skip_weights] if model.skip_weights is not None else [])
+    scalars = [p for name, p in named if p.ndim != 2 or is_control(name)]
     adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=next(model.parameters()).is_cuda)
     token_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
     tables = [t.weight for t in (model.hash_emb.bigram, model.hash_emb.trigram) if t is not None] if model.hash_emb else []

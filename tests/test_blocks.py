@@ -97,12 +97,14 @@ def test_plain_point_computes_the_baseline_model():
 
 
 @pytest.mark.parametrize("weights", ["1", "2"])
-def test_stem_and_tail_compile_at_every_core_depth_and_all_learn(weights):
+@pytest.mark.parametrize("stem,tail", [(0, 0), (1, 1)])
+def test_unet_stacks_compile_at_every_core_depth_and_all_learn(weights, stem, tail):
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
-    model = tiny_model(randomize=True, NUM_STEM_BLOCKS="1", NUM_TAIL_BLOCKS="1", NUM_LAYER_SCHEDULE="0:2,3:3,6:4",
-                       UNET_SKIPS="1", UNET_WEIGHTS=weights)
-    assert model.skip_weights.shape == ((1 + 4 + 1) // 2, 32)
+    model = tiny_model(randomize=True, NUM_STEM_BLOCKS=str(stem), NUM_TAIL_BLOCKS=str(tail),
+                       NUM_LAYER_SCHEDULE="0:2,3:3,6:4", UNET_SKIPS="1", UNET_WEIGHTS=weights)
+    n_skips = (stem + 4 + tail) // 2  # the deepest stack's
+    assert model.skip_weights.shape == (n_skips, 32)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     x, y = batch(model.args)
     before = counters["stats"]["unique_graphs"]
@@ -112,9 +114,9 @@ def test_stem_and_tail_compile_at_every_core_depth_and_all_learn(weights):
         for module in (*model.stem, model.block, model.decoder_block, *model.tail):
             assert module is None or all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), depth
         rows = model.controls.mlp_scale.grad.abs().sum(dim=1).gt(0).tolist()
-        assert rows == [True] + [d < depth for d in range(4)] + [True], depth  # stem, core depths, tail
-        skips = model.skip_weights.grad.abs().sum(dim=1).gt(0).tolist()
-        assert skips == [i < (2 + depth) // 2 for i in range(3)], depth
+        assert rows == [True] * stem + [d < depth for d in range(4)] + [True] * tail, depth  # stem, core, tail
+        skips = model.skip_weights.grad.abs().sum(dim=1).gt(0).tolist()  # the first decoder layers pop one each
+        assert skips == [i < (stem + depth + tail) // 2 for i in range(n_skips)], depth
     assert counters["stats"]["unique_graphs"] - before == 3
     primed = counters["stats"]["unique_graphs"]
     for depth in (4, 2, 3):
