@@ -176,9 +176,10 @@ class Hyperparameters:
         # row, clipped at the baseline's percentile of |w| or, with MATRIX_CLIP_SIGMAS > 0, at that
         # many row standard deviations (the records' SDClip); the token embedding and an untied head
         # use EMBED_BITS and EMBED_CLIP_SIGMAS (EMBED_BITS=16 keeps them fp16). COMPRESSOR: zlib (level
-        # 9), zstd (level 22) or lzma. NOISY_QAT trains the shared block against that grid from
-        # QAT_START_FRAC of training on: uniform noise of one step (QAT_MODE=noise) or straight-through
-        # rounding (ste). EMA_DECAY > 0 exports an exponential moving average of the weights.
+        # 9), zstd (level 22) or lzma. NOISY_QAT perturbs the quantized matrices from QAT_START_FRAC
+        # of training on: uniform noise of one step of row max / qmax (QAT_MODE=noise, PR #1088),
+        # of one step of the export's grid (grid_noise), or straight-through rounding to that grid
+        # (ste). EMA_DECAY > 0 exports an exponential moving average of the weights.
         self.quant_bits = self._get("QUANT_BITS", 8)
         self.embed_bits = self._get("EMBED_BITS", 8)
         self.matrix_clip_sigmas = self._get("MATRIX_CLIP_SIGMAS", 0.0)
@@ -267,7 +268,7 @@ class Hyperparameters:
             raise RunError(f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}: tokens would go unscored")
         for name, value, choices in (("TTT_MODE", self.ttt_mode, ("lora", "full")), ("TTT_RESET", self.ttt_reset, ("doc", "none")),
                                      ("QUANT_BITS", self.quant_bits, (5, 6, 7, 8)), ("EMBED_BITS", self.embed_bits, (5, 6, 7, 8, 16)),
-                                     ("COMPRESSOR", self.compressor, COMPRESSORS), ("QAT_MODE", self.qat_mode, ("noise", "ste")),
+                                     ("COMPRESSOR", self.compressor, COMPRESSORS), ("QAT_MODE", self.qat_mode, ("noise", "grid_noise", "ste")),
                                      ("SEED_LORA_TARGETS", self.seed_lora_targets, ("mlp", "attn", "all"))):
             if value not in choices:
                 raise RunError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
@@ -925,20 +926,25 @@ class QAT(NamedTuple):
     gate: Tensor  # 0.0 until QAT_START_FRAC, then 1.0: a tensor, so turning QAT on never recompiles
     bits: int
     sigmas: float
-    ste: bool
+    mode: str  # QAT_MODE
 
 
 class CastedLinear(nn.Linear):
     # fp32 weights for the optimizer, cast to the activation dtype at matmul time. With `qat`, a
-    # weight the export will quantize sees its grid: uniform noise of one step per row (PR #363
-    # noisy QAT; the gradient reaches w unchanged) or the rounded weight with a straight-through
-    # gradient, so the shared weights learn to tolerate what recurrence would otherwise amplify.
+    # weight the export will quantize is perturbed so the shared weights learn to tolerate what
+    # recurrence would otherwise amplify. noise: uniform noise of one step of row max / qmax (PR
+    # #1088's noisy QAT from PR #363, no floor; the gradient reaches w unchanged). grid_noise: one
+    # step of the export's own grid (its clip floor or SDClip). ste: the export's rounded weight
+    # with a straight-through gradient.
     def forward(self, x: Tensor, qat: QAT | None = None) -> Tensor:
         w = self.weight
         if qat is not None and w.numel() > KEEP_FLOAT_MAX_NUMEL:
-            codes, step = quantize_rows(w.detach(), qat.bits, row_clip(w, qat.sigmas, exact=False))
-            step = step.float()[:, None]
-            delta = codes * step - w.detach() if qat.ste else (torch.rand_like(w) - 0.5) * step
+            if qat.mode == "noise":
+                step = w.detach().abs().amax(dim=1, keepdim=True) / qmax(qat.bits)
+            else:
+                codes, step = quantize_rows(w.detach(), qat.bits, row_clip(w, qat.sigmas, exact=False))
+                step = step.float()[:, None]
+            delta = codes * step - w.detach() if qat.mode == "ste" else (torch.rand_like(w) - 0.5) * step
             w = w + qat.gate * delta
         return F.linear(x, w.to(x.dtype))
 
@@ -1200,7 +1206,7 @@ class GPT(nn.Module):
         position's. Routed passes pick the top-k tokens in training, and by the causal rule
         otherwise (`topk_routing` overrides)."""
         args = self.args
-        qat = QAT(self.qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode == "ste") \
+        qat = QAT(self.qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode) \
             if self.training and args.noisy_qat else None
         lora = lora or {}
         topk_routing = self.training if topk_routing is None else topk_routing

@@ -8,8 +8,9 @@ Each --config is a name and env overrides on top of --base (the quickstart setti
 the local dataset, 300 s per run). Every run gets its own folder under --out and is read back
 through its own log lines, so an interrupted benchmark continues where it stopped (finished
 runs are kept). The table gives, per configuration, the median and spread (min..max) over seeds
-of the roundtrip and sliding-window val_bpb, and medians of artifact bytes, steps, tokens/s and
-peak GPU memory.
+of the roundtrip val_bpb, its quantization gap (roundtrip minus pre-quant) and the sliding-window
+val_bpb, and medians of artifact bytes, the startup size estimate, steps, tokens/s and peak GPU
+memory.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ QUICKSTART = (f"DATA_PATH={REPO}/data/datasets/local_sp1024 TOKENIZER_PATH={REPO
 METRICS = {  # name: (pattern, cast); each taken from the last matching line of a finished log
     "roundtrip": (r"^final_int\d_\w+_roundtrip_exact val_loss:\S+ val_bpb:(\S+)$", float),
     "sliding": (r"^final_sliding_window_exact stride:\d+ val_loss:\S+ val_bpb:(\S+)$", float),
+    "gap": (r"^quant_gap \S+ val_bpb:(\S+) ", float),
+    "estimate": (r"^size_check: total:\d+ cap:\d+ estimate:(\d+) ", int),
     "bytes": (r"^Total submission size \S+: (\d+) bytes$", int),
     "steps": (r"^train_summary steps:(\d+) ", int),
     "tokens_per_s": (r"^train_summary .* tokens_per_s:(\d+)$", int),
@@ -82,19 +85,21 @@ def run(name: str, overrides: dict[str, str], seed: int, base: dict[str, str], o
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
-    head = "| config | seeds | roundtrip val_bpb (min..max) | sliding val_bpb (min..max) | bytes | steps | tokens/s | peak MiB |"
-    rows = [head, "|---|---:|---|---|---:|---:|---:|---:|"]
+    head = ("| config | seeds | roundtrip val_bpb (min..max) | quant gap (min..max) | sliding val_bpb (min..max) | bytes "
+            "| estimate | steps | tokens/s | peak MiB |")
+    rows = [head, "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for name, runs in results.items():
         def med(key: str, fmt: str) -> str:
             values = [r[key] for r in runs if key in r]
             return format(statistics.median(values), fmt) if values else "-"
 
-        def spread(key: str) -> str:
+        def spread(key: str, fmt: str = ".4f") -> str:
             values = [r[key] for r in runs if key in r]
-            return f"{statistics.median(values):.4f} ({min(values):.4f}..{max(values):.4f})" if values else "-"
+            return (f"{statistics.median(values):{fmt}} ({min(values):{fmt}}..{max(values):{fmt}})" if values else "-")
 
-        rows.append(f"| {name} | {len(runs)} | {spread('roundtrip')} | {spread('sliding')} | {med('bytes', ',.0f')} | "
-                    f"{med('steps', '.0f')} | {med('tokens_per_s', ',.0f')} | {med('peak_mib', '.0f')} |")
+        rows.append(f"| {name} | {len(runs)} | {spread('roundtrip')} | {spread('gap', '+.5f')} | {spread('sliding')} | "
+                    f"{med('bytes', ',.0f')} | {med('estimate', ',.0f')} | {med('steps', '.0f')} | "
+                    f"{med('tokens_per_s', ',.0f')} | {med('peak_mib', '.0f')} |")
     return "\n".join(rows)
 
 

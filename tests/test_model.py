@@ -82,35 +82,40 @@ def test_compile_every_depth_without_recompiles():
 QAT_SHAPE = dict(MODEL_DIM="128", MLP_MULT="5", NUM_LAYER_SCHEDULE="0:2")
 
 
-def expected_step(w: torch.Tensor, bits: int, sigmas: float) -> torch.Tensor:
-    """One step of the export grid per row, from the definition: clip / (2^(bits-1) - 1), where the
-    clip is `sigmas` row stds, or else the row max but at least 1 (the baseline's int8 floor)."""
-    clip = sigmas * w.std(dim=1) if sigmas else torch.clamp(w.abs().amax(dim=1), min=1.0)
+def expected_step(w: torch.Tensor, bits: int, sigmas: float, mode: str) -> torch.Tensor:
+    """One step per row, from the definitions. noise (PR #1088): row max / (2^(bits-1) - 1), no
+    floor. grid_noise: the export grid's clip / (2^(bits-1) - 1), the clip being `sigmas` row stds,
+    or else the row max but at least 1 (the baseline's int8 floor)."""
+    if mode == "noise":
+        clip = w.abs().amax(dim=1)
+    else:
+        clip = sigmas * w.std(dim=1) if sigmas else torch.clamp(w.abs().amax(dim=1), min=1.0)
     return (clip / (2 ** (bits - 1) - 1))[:, None]
 
 
 @pytest.mark.parametrize("compile_layer", [False, True])
-@pytest.mark.parametrize("bits,sigmas", [(8, 0.0), (6, 0.0), (5, 0.0), (6, 2.5)])
-def test_qat_noise_is_one_step_of_the_export_grid(bits, sigmas, compile_layer):
+@pytest.mark.parametrize("mode,bits,sigmas", [("noise", 8, 0.0), ("noise", 6, 2.5), ("grid_noise", 8, 0.0),
+                                              ("grid_noise", 6, 0.0), ("grid_noise", 5, 0.0), ("grid_noise", 6, 2.5)])
+def test_qat_noise_is_one_step_of_its_grid(mode, bits, sigmas, compile_layer):
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = train_gpt.CastedLinear(300, 256, bias=False)
     with torch.no_grad():  # row scales from 0.01 to 3: some rows use the clip floor, some do not
         layer.weight.copy_(torch.randn(256, 300) * torch.linspace(0.01, 3, 256)[:, None])
     gate = torch.zeros(())
-    call = lambda x, g: layer(x, train_gpt.QAT(g, bits, sigmas, False))
+    call = lambda x, g: layer(x, train_gpt.QAT(g, bits, sigmas, mode))
     run = torch.compile(call, backend="aot_eager", fullgraph=True) if compile_layer else call
     eye = torch.eye(300)
     assert torch.equal(run(eye, gate).T, layer.weight.detach())  # gate 0: the float weight
     gate.fill_(1.0)  # QAT starts without a recompile: the gate is data, not a flag
     noise = (run(eye, gate).T - layer.weight).detach()  # F.linear(I, W') = W'^T recovers the weight
-    step = expected_step(layer.weight.detach(), bits, sigmas)
+    step = expected_step(layer.weight.detach(), bits, sigmas, mode)
     assert (noise.abs() <= step / 2 * 1.001).all()
     ratio = (noise.abs() / step).mean(dim=1)  # uniform on [-1/2, 1/2): E|noise| = step / 4
     assert ((ratio - 0.25).abs() < 0.04).all()
 
 
-@pytest.mark.parametrize("mode", ["noise", "ste"])
+@pytest.mark.parametrize("mode", ["noise", "grid_noise", "ste"])
 def test_qat_runs_under_compile_and_turns_on_without_recompiling(mode):
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
