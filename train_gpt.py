@@ -665,6 +665,9 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
 # float. QAT trains against the same grid: `quantize_rows` is the one definition of it.
 
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "norm_bias", "q_gain", "skip_weights", "router")
+# Stored fp32, as the baseline and PR #1088 store theirs; other float passthrough (the norm biases
+# too, as in PR #1088) is fp16. The router is a decision boundary (sigmoid > 0.5), so it keeps fp32.
+FP32_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "router")
 EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight", "hash_emb.bigram.weight", "hash_emb.trigram.weight")
 KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost more in scales/metadata than they save
 CLIP_Q = 0.9999984  # the baseline's per-row clip percentile of |w|
@@ -676,6 +679,12 @@ COMPRESSORS = ("zlib", "zstd", "lzma")
 
 def is_control(name: str) -> bool:
     return any(pattern in name for pattern in CONTROL_PATTERNS)
+
+
+def passthrough_dtype(name: str, t: Tensor) -> torch.dtype:
+    if not t.is_floating_point():
+        return t.dtype
+    return torch.float32 if any(pattern in name for pattern in FP32_PATTERNS) else torch.float16
 
 
 def qmax(bits: int) -> int:
@@ -721,7 +730,7 @@ def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters) -> dict
             dtypes[name] = str(t.dtype).removeprefix("torch.")
         spec = export_spec(name, t, args)
         if spec is None:
-            passthrough[name] = t.float() if is_control(name) else t.half() if t.is_floating_point() else t
+            passthrough[name] = t.to(passthrough_dtype(name, t))
             continue
         rows = t.reshape(-1, t.size(-1))
         codes, steps[name] = quantize_rows(rows, spec[0], row_clip(rows, spec[1]))
@@ -820,7 +829,7 @@ def estimate_artifact_bytes(state: dict[str, Tensor], args: Hyperparameters) -> 
     for name, t in state.items():
         spec = export_spec(name, t, args)
         if spec is None:
-            total += t.numel() * ((4 if is_control(name) else 2) if t.is_floating_point() else t.element_size())
+            total += t.numel() * passthrough_dtype(name, t).itemsize
             continue
         if spec not in bits_per_code:
             codes, _ = quantize_rows(gaussian, spec[0], row_clip(gaussian, spec[1]))
@@ -1118,19 +1127,22 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, iters: int, m: int, lam:
     its own last m iterates: alpha = argmin |G^T a|^2 + lam |a|^2 with sum(a) = 1 over the
     residuals G = f(x_i) - x_i, then x <- beta sum a_i f(x_i) + (1 - beta) sum a_i x_i. With a
     causal f, position t never depends on a later one. Returns f of the last iterate and the
-    relative residual |f(z) - z| / |f(z)| there. m = 1 is plain iteration."""
-    shape, dtype = z0.shape, z0.dtype
+    relative residual |f(z) - z| / |f(z)| there. m = 1 is plain iteration. History, Gram matrix,
+    solve and mixing are fp32 with autocast off (f itself runs under the caller's autocast): in
+    bf16 the Gram matrix's rounding error would swamp the ridge."""
+    shape, dtype, device = z0.shape, z0.dtype, z0.device
     tokens = lambda z: z.reshape(-1, 1, shape[-1]).float()
     xs, fs = [tokens(z0)], [tokens(f(z0))]
-    ones = torch.ones(xs[0].size(0), m, 1, device=z0.device)
+    ones = torch.ones(xs[0].size(0), m, 1, device=device)
     for k in range(1, iters):
         n = min(k, m)
-        X, Fx = torch.cat(xs[-n:], 1), torch.cat(fs[-n:], 1)  # [tokens, n, dim]
-        G = Fx - X
-        gram = G @ G.mT + lam * torch.eye(n, device=z0.device)
-        alpha = torch.linalg.solve_ex(gram, ones[:, :n])[0]
-        alpha = alpha / alpha.sum(dim=1, keepdim=True)
-        x = beta * (alpha.mT @ Fx) + (1.0 - beta) * (alpha.mT @ X)
+        with torch.autocast(device.type, enabled=False):
+            X, Fx = torch.cat(xs[-n:], 1), torch.cat(fs[-n:], 1)  # [tokens, n, dim]
+            G = Fx - X
+            gram = G @ G.mT + lam * torch.eye(n, device=device)
+            alpha = torch.linalg.solve_ex(gram, ones[:, :n])[0]
+            alpha = alpha / alpha.sum(dim=1, keepdim=True)
+            x = beta * (alpha.mT @ Fx) + (1.0 - beta) * (alpha.mT @ X)
         xs, fs = xs[-m + 1:] + [x], fs[-m + 1:] + [tokens(f(x.reshape(shape).to(dtype)))]
         if tol > 0 and not torch.compiler.is_compiling() and float(relative_residual(xs[-1], fs[-1])) < tol:
             break
@@ -1138,7 +1150,8 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, iters: int, m: int, lam:
 
 
 def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
-    return (fz - z).norm() / fz.norm().clamp_min(1e-12)
+    with torch.autocast(z.device.type, enabled=False):
+        return (fz - z).norm() / fz.norm().clamp_min(1e-12)
 
 
 def ngram_buckets(ids: Tensor, n: int, size: int) -> Tensor:
@@ -1748,17 +1761,7 @@ def main() -> None:
     clock.resume()
     while True:
         last_step = step == args.iterations or stop
-        if args.depth_at(step) != depth and not last_step:
-            sync_clock()
-            log_phase_end()
-            new_depth = args.depth_at(step)
-            clock.begin_phase(step, args.pass_cost(new_depth) / args.pass_cost(depth))
-            depth = new_depth
-            log(f"layer_schedule_advance:step:{step} active_num_layers:{depth}")
-            if args.deq and depth == DEQ_SOLVE:
-                log(f"deq_solve_start step:{step} deq_iters:{args.deq_iters} eval_deq_iters:{args.eval_deq_iters} "
-                    f"anderson_m:{args.anderson_m} phantom_steps:{args.phantom_steps}")
-            next_sync = step + 1
+        # Validation first: a step that switches depth is scored at the depth trained up to it.
         if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
             sync_clock()
             val_loss, val_bpb = evaluate_plain()
@@ -1769,6 +1772,17 @@ def main() -> None:
             if stop and step < args.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms:.0f}ms step:{step}/{args.iterations}")
             break
+        if args.depth_at(step) != depth:
+            sync_clock()
+            log_phase_end()
+            new_depth = args.depth_at(step)
+            clock.begin_phase(step, args.pass_cost(new_depth) / args.pass_cost(depth))
+            depth = new_depth
+            log(f"layer_schedule_advance:step:{step} active_num_layers:{depth}")
+            if args.deq and depth == DEQ_SOLVE:
+                log(f"deq_solve_start step:{step} deq_iters:{args.deq_iters} eval_deq_iters:{args.eval_deq_iters} "
+                    f"anderson_m:{args.anderson_m} phantom_steps:{args.phantom_steps}")
+            next_sync = step + 1
 
         if args.noisy_qat and not qat_on and clock.progress(step) >= args.qat_start_frac:
             base_model.qat_gate.fill_(1.0)

@@ -39,6 +39,22 @@ def test_anderson_beats_plain_iteration_on_a_contractive_map():
     assert torch.allclose(out, z, atol=1e-5)
 
 
+def test_anderson_solves_in_fp32_under_bf16_autocast():
+    # CUDA trains under bf16 autocast. The map here is elementwise fp32 (autocast leaves it alone),
+    # so any difference from the solve without autocast comes from the mixing: a bf16 Gram matrix
+    # would carry relative errors of about 4e-3, far above its 1e-4 ridge.
+    g = torch.Generator().manual_seed(0)
+    scale, shift = torch.rand(24, generator=g) * 0.9, torch.randn(24, generator=g)
+    f = lambda z: scale * torch.tanh(z) + shift
+    z0 = torch.zeros(2, 5, 24)
+    exact, residual = train_gpt.anderson(f, z0, 20, m=5, lam=1e-4, beta=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, mixed_residual = train_gpt.anderson(f, z0, 20, m=5, lam=1e-4, beta=1.0)
+    assert mixed.dtype == torch.float32 and mixed_residual.dtype == torch.float32
+    assert torch.allclose(mixed, exact, atol=1e-6) and residual < 1e-4
+    assert mixed_residual == pytest.approx(float(residual), rel=1e-3, abs=1e-7)
+
+
 def test_anderson_mixes_each_token_alone():
     # A map that couples nothing across tokens: every token's solve must equal its solve alone.
     f = contractive_map()

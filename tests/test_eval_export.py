@@ -111,6 +111,22 @@ def test_roundtrip_within_half_a_step(bits, sigmas):
     assert torch.equal(out["ids"], state["ids"])
 
 
+def test_small_tensors_are_stored_as_pr1088_stored_them():
+    # PR #1088 keeps the baseline's control patterns (scales, residual mixes, q gains) in fp32 and
+    # stores every other small float, its per-depth norm biases included, as fp16.
+    model = tiny_model(randomize=True, MOD_CAPACITY="0.5")
+    state = model.state_dict()
+    obj = train_gpt.quantize_state_dict(state, model.args)
+    stored = {name: t.dtype for name, t in obj["passthrough"].items()}
+    assert stored["controls.attn_norm_bias"] == stored["controls.mlp_norm_bias"] == torch.float16
+    for name in ("controls.attn_scale", "controls.mlp_scale", "controls.resid_mix", "block.attns.0.q_gain", "controls.router"):
+        assert stored[name] == torch.float32, name
+    out = train_gpt.dequantize_state_dict(obj)
+    bias = state["controls.attn_norm_bias"]
+    assert out["controls.attn_norm_bias"].dtype == torch.float32
+    assert torch.equal(out["controls.attn_norm_bias"], bias.half().float()) and not torch.equal(bias.half().float(), bias)
+
+
 def test_embedding_bits_are_separate_and_16_keeps_fp16():
     model = tiny_model(randomize=True, MODEL_DIM="160", MLP_MULT="3")  # 512 x 160 embedding, head
     for embed_bits in ("16", "5"):

@@ -32,6 +32,8 @@ def test_end_to_end_run(tmp_path, dataset):
     assert "layer_schedule_advance:step:6 active_num_layers:2" in out
     assert len(re.findall(r"^step:\d+/12 train_loss:", out, re.M)) == 12
     assert len(re.findall(r"^step:(0|6|12)/12 val_loss:[\d.]+ val_bpb:[\d.]+ train_time:\d+ms step_avg:", out, re.M)) == 3
+    # Step 6 switches depth: its validation scores the depth trained up to it, before the switch.
+    assert out.index("step:6/12 val_loss:") < out.index("layer_schedule_advance:step:6 ")
     losses = values(out, "train_loss")
     assert losses[-1] < losses[0] - 0.3  # it learns from real text
     assert "recompiles_after_warmup:0" in out
