@@ -21,6 +21,7 @@ import lzma
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -196,8 +197,10 @@ class Hyperparameters:
         self.checkpoint_keep = self._get("CHECKPOINT_KEEP", 2)
         self.resume_from = self._get("RESUME_FROM", "")
 
-        # System.
+        # System. AUTOCAST=bf16 forces CUDA's numerics (bf16 autocast, bf16 embedding) on a CPU; auto
+        # uses them on CUDA only.
         self.torch_compile = self._get("TORCH_COMPILE", True)
+        self.autocast = self._get("AUTOCAST", "auto")
         del self._env
 
     def _get(self, name: str, default):
@@ -237,13 +240,17 @@ class Hyperparameters:
     def max_depth(self) -> int:
         return max(depth for _, depth in self.layer_schedule)
 
-    def validate(self, world_size: int = 1) -> None:
-        """Turn every bad combination into one RunError naming the variable."""
+    def validate(self, world_size: int = 1, device_type: str = "cpu") -> None:
+        """Turn every bad combination, for this world size and device, into one RunError naming the variable."""
         self.layer_schedule  # parses and validates
         if self.model_dim % self.num_heads:
             raise RunError(f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            raise RunError(f"head dim MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even for RoPE")
+        head_dim = self.model_dim // self.num_heads
+        if head_dim % 2:
+            raise RunError(f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
+        if device_type == "cuda" and (head_dim % 8 or head_dim > 256):
+            raise RunError(f"head dim MODEL_DIM/NUM_HEADS={head_dim}: flash attention, the only SDPA kernel enabled "
+                           "on CUDA, needs a multiple of 8 of at most 256")
         if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
             raise RunError(f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
         for name, value, low in (("MLP_LAYERS", self.mlp_layers, 2), ("ATTN_PER_BLOCK", self.attn_per_block, 1),
@@ -269,7 +276,8 @@ class Hyperparameters:
         for name, value, choices in (("TTT_MODE", self.ttt_mode, ("lora", "full")), ("TTT_RESET", self.ttt_reset, ("doc", "none")),
                                      ("QUANT_BITS", self.quant_bits, (5, 6, 7, 8)), ("EMBED_BITS", self.embed_bits, (5, 6, 7, 8, 16)),
                                      ("COMPRESSOR", self.compressor, COMPRESSORS), ("QAT_MODE", self.qat_mode, ("noise", "grid_noise", "ste")),
-                                     ("SEED_LORA_TARGETS", self.seed_lora_targets, ("mlp", "attn", "all"))):
+                                     ("SEED_LORA_TARGETS", self.seed_lora_targets, ("mlp", "attn", "all")),
+                                     ("AUTOCAST", self.autocast, ("auto", "bf16"))):
             if value not in choices:
                 raise RunError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
         if self.deq and (self.unet_skips or self.mod_capacity):
@@ -1036,16 +1044,14 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qat: QAT | None,
-                lora_q: tuple[Tensor, Tensor] | None = None, lora_v: tuple[Tensor, Tensor] | None = None,
-                attn_mask: Tensor | None = None) -> Tensor:
+                lora_q: tuple[Tensor, Tensor] | None = None, lora_v: tuple[Tensor, Tensor] | None = None) -> Tensor:
         bsz, seq_len, dim = x.shape
         q = add_lora(self.c_q(x, qat), x, lora_q).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x, qat).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = add_lora(self.c_v(x, qat), x, lora_v).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(rms_norm(q), *rope) * self.q_gain.to(x.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), *rope)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim), qat)
 
 
@@ -1108,13 +1114,13 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_layers, factory("mlp"))
 
     def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], qat: QAT | None,
-                lora: dict[str, tuple[Tensor, Tensor]] = {}, attn_mask: Tensor | None = None) -> Tensor:
+                lora: dict[str, tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        lora = lora or {}
         mix = c.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         for i, attn in enumerate(self.attns):
             bias = None if c.attn_norm_bias is None else c.attn_norm_bias[i]
-            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, qat, lora.get(f"q{i}"), lora.get(f"v{i}"),
-                                                       attn_mask)
+            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, qat, lora.get(f"q{i}"), lora.get(f"v{i}"))
         return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias), qat)
 
 
@@ -1268,22 +1274,23 @@ class GPT(nn.Module):
         top-k choice (zero outside training)."""
         logits = x.float() @ c.router.float()  # [batch, seq]
         weight = torch.sigmoid(logits)
-        if topk:  # the k best of each sequence, back in position order, with their own positions
-            k = max(1, int(self.args.mod_capacity * x.size(1)))
-            idx = logits.topk(k, dim=1).indices.sort(dim=1).values
-            chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
-            gather = idx[..., None].expand(-1, -1, x.size(-1))
-            xs = x.gather(1, gather)
-            cos, sin = (t[0, 0][idx][:, None] for t in rope)
-            update = block(xs, x0.gather(1, gather), c, (cos, sin), qat, lora) - xs
-            x = x.scatter(1, gather, xs + weight.gather(1, idx)[..., None].to(x.dtype) * update)
-        else:  # causal rule: every token decides alone; skipped tokens are not keys either
-            chosen = weight > 0.5
-            seq = x.size(1)
-            causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
-            mask = (causal & chosen[:, None, :]) | torch.eye(seq, dtype=torch.bool, device=x.device)
-            update = block(x, x0, c, rope, qat, lora, mask[:, None]) - x
-            x = x + (weight * chosen)[..., None].to(x.dtype) * update
+        seq = x.size(1)
+        if topk:  # the k best of each sequence
+            k = max(1, int(self.args.mod_capacity * seq))
+            chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, logits.topk(k, dim=1).indices, True)
+        else:  # causal rule: every token decides alone
+            chosen, k = weight > 0.5, seq
+        # The chosen tokens first, each group in position order, with their own positions: one causal
+        # pass (no mask, as flash attention needs) lets a chosen token attend to the chosen tokens up
+        # to it only, so skipped tokens are never keys. The causal rule's unchosen tail is computed
+        # and discarded, keeping the shapes static.
+        positions = torch.arange(seq, device=x.device)
+        idx = torch.argsort(torch.where(chosen, positions, positions + seq), dim=1)[:, :k]
+        gather = idx[..., None].expand(-1, -1, x.size(-1))
+        xs = x.gather(1, gather)
+        cos, sin = (t[0, 0][idx][:, None] for t in rope)
+        update = block(xs, x0.gather(1, gather), c, (cos, sin), qat, lora) - xs
+        x = x.scatter(1, gather, xs + (weight * chosen).gather(1, idx)[..., None].to(x.dtype) * update)
         if not self.training:
             return x, torch.zeros_like(logits)
         return x, F.binary_cross_entropy_with_logits(logits, chosen.float(), reduction="none")
@@ -1307,8 +1314,26 @@ class GPT(nn.Module):
 # TRAINING
 # -----------------------------
 
+CPU_AUTOCAST = False  # set once by main() from AUTOCAST=bf16, before anything is compiled
+
+
 def autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or CPU_AUTOCAST)
+
+
+MIN_TORCH = (2, 5)  # SDPA's enable_gqa (2.5) and F.rms_norm (2.4)
+
+
+def check_torch_version(version: str) -> None:
+    found = tuple(int(v) for v in re.findall(r"\d+", version)[:2])
+    if found < MIN_TORCH:
+        raise RunError(f"torch {version} is older than {'.'.join(map(str, MIN_TORCH))}, the oldest this script "
+                       f"supports: pip install 'torch>={'.'.join(map(str, MIN_TORCH))}'")
+
+
+def set_recompile_limit(config, limit: int) -> None:
+    # Every scheduled depth and eval shape is its own graph. torch < 2.7 names the limit cache_size_limit.
+    setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit", limit)
 
 
 def synchronize(device: torch.device) -> None:
@@ -1628,11 +1653,14 @@ def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimi
 
 
 def main() -> None:
-    global zeropower_via_newtonschulz5
+    global zeropower_via_newtonschulz5, CPU_AUTOCAST
     code = Path(__file__).read_text(encoding="utf-8")
+    check_torch_version(torch.__version__)
     args = Hyperparameters()
     distributed, rank, world_size, device = setup_distributed()
-    args.validate(world_size)
+    args.validate(world_size, device.type)
+    CPU_AUTOCAST = args.autocast == "bf16"
+    bf16 = device.type == "cuda" or CPU_AUTOCAST
     master = rank == 0
     log = Logger(args.run_id, master)
     log(code, console=False)
@@ -1675,11 +1703,11 @@ def main() -> None:
     log(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel() - 1}")
 
     base_model = GPT(args).to(device)
-    if device.type == "cuda":
+    if bf16:
         # As in the baseline: a bf16 embedding makes the residual stream bf16, halving its memory.
         base_model.tok_emb.bfloat16()
     if args.torch_compile:
-        torch._dynamo.config.recompile_limit = 64
+        set_recompile_limit(torch._dynamo.config, 64)
         zeropower_via_newtonschulz5 = torch.compile(zeropower_via_newtonschulz5)
         compiled = torch.compile(base_model, dynamic=False, fullgraph=True)
     else:
@@ -1703,7 +1731,7 @@ def main() -> None:
         "WARNING: within 5% of the cap, the estimate may be off either way"
     log(f"size_estimate {format_name(args)}: total:~{estimate} cap:{SIZE_CAP_BYTES} {verdict}")
     log(f"world_size:{world_size} grad_accum_steps:{accum}")
-    log(f"device:{device.type} compile:{args.torch_compile} autocast_bf16:{device.type == 'cuda'}")
+    log(f"device:{device.type} compile:{args.torch_compile} autocast_bf16:{bf16}")
     log(f"attention_mode:gqa num_heads:{args.num_heads} num_kv_heads:{args.num_kv_heads} "
         f"attn_per_block:{args.attn_per_block} mlp_layers:{args.mlp_layers} mlp_hidden:{int(args.mlp_mult * args.model_dim)}")
     log(f"layer_schedule:{','.join(f'{s}:{d}' for s, d in schedule)} max_depth:{args.max_depth} "

@@ -150,3 +150,28 @@ def test_mod_skips_tokens_exactly():
         model.controls.router.zero_()
         none_chosen = model(x, y, 1)  # sigmoid(0) = 0.5 is not > 0.5
         assert torch.equal(none_chosen, model(x, y, 0))
+
+
+def test_mod_causal_rule_equals_processing_only_the_chosen_tokens():
+    # Evaluation's routed pass (no attention mask, static shapes) against its definition: per
+    # sequence, the tokens with sigmoid(router) > 0.5 go through the block alone, as a shorter
+    # sequence at their own positions, and get weight * update; the others are untouched.
+    model = tiny_model(randomize=True, MOD_CAPACITY="0.5", MOD_EVERY="1", NUM_LAYER_SCHEDULE="0:1")
+    model.eval()
+    torch.manual_seed(1)
+    x, x0 = torch.randn(3, 32, 32), torch.randn(3, 32, 32)
+    c = model.controls.at(0)
+    rope = train_gpt.rotary_tables(32, 8, 10000.0, x.device)
+    with torch.no_grad():
+        out, _ = model.routed_pass(model.block, x, x0, c, rope, None, {}, topk=False)
+        weight = torch.sigmoid(x @ c.router)
+        counts = (weight > 0.5).sum(dim=1).tolist()
+        assert len(set(counts)) > 1 and 0 < min(counts) and max(counts) < 32  # rows differ
+        for b in range(3):
+            idx = torch.nonzero(weight[b] > 0.5).flatten()
+            cos, sin = (t[..., idx, :] for t in rope)
+            xs = x[b, idx][None]
+            update = model.block(xs, x0[b, idx][None], c, (cos, sin), None) - xs
+            ref = x[b].clone()
+            ref[idx] = (xs + weight[b, idx][None, :, None] * update)[0]
+            assert torch.allclose(out[b], ref, rtol=1e-5, atol=1e-4), b

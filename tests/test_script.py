@@ -178,7 +178,7 @@ def test_pr1783_systems_run_end_to_end(tmp_path, dataset, system):
     env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "16", "ITERATIONS": "6", "VAL_LOSS_EVERY": "0"}
     if system == "deq":
         env.update(DEQ="1", DEQ_WARMUP_STEPS="3", NUM_LAYER_SCHEDULE="0:2", DEQ_ITERS="4", EVAL_DEQ_ITERS="6",
-                   NUM_STEM_BLOCKS="1", NUM_TAIL_BLOCKS="1")
+                   NUM_STEM_BLOCKS="1", NUM_TAIL_BLOCKS="1", AUTOCAST="bf16")  # CUDA's numerics on the CPU
     else:
         env.update(MOD_CAPACITY="0.5", SEED_LORA_RANK="4", SEED_LORA_TARGETS="all", NUM_LAYER_SCHEDULE="0:2,3:4",
                    NUM_TAIL_BLOCKS="1")
@@ -186,6 +186,7 @@ def test_pr1783_systems_run_end_to_end(tmp_path, dataset, system):
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "recompiles_after_warmup:0" in out
+    assert f"autocast_bf16:{system == 'deq'}" in out
     if system == "deq":
         assert "layer_schedule_advance:step:3 active_num_layers:0" in out
         assert "deq_solve_start step:3 deq_iters:4 eval_deq_iters:6 anderson_m:5 phantom_steps:4" in out
