@@ -1748,6 +1748,16 @@ def main() -> None:
     if args.warmup_steps > 0:
         prime_compile(model, compiled, base_model, optimizers, args, world_size, device, distributed, log)
     graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    peaks: list[tuple[int, int]] = []  # CUDA's (allocated, reserved) peak bytes of the warmup and each phase
+
+    def mark_peak() -> str:
+        if device.type != "cuda":
+            return ""
+        peaks.append((torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()))
+        torch.cuda.reset_peak_memory_stats()
+        return f" peak_alloc:{peaks[-1][0] >> 20}MiB"
+
+    mark_peak()
     ema = EMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
 
     loader = DistributedTokenLoader(train_files, rank, world_size, device)
@@ -1768,7 +1778,8 @@ def main() -> None:
 
     def log_phase_end() -> None:
         steps = step - clock.phase_step
-        log(f"phase_end depth:{depth} steps:{steps} phase_step_avg:{(clock.elapsed_ms - clock.phase_ms) / max(steps, 1):.2f}ms")
+        log(f"phase_end depth:{depth} steps:{steps} phase_step_avg:{(clock.elapsed_ms - clock.phase_ms) / max(steps, 1):.2f}ms"
+            f"{mark_peak()}")
 
     if ckpt is not None:  # everything the loop carries, as it was after step ckpt["step"]
         base_model.load_state_dict(ckpt["model"], strict=True)
@@ -1875,8 +1886,7 @@ def main() -> None:
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     log(f"compile_stats unique_graphs:{graphs} recompiles_after_warmup:{graphs - graphs_after_warmup}")
     if device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB")
+        log(f"peak memory allocated: {max(a for a, _ in peaks) >> 20} MiB reserved: {max(r for _, r in peaks) >> 20} MiB")
 
     # The weights to export: the EMA's when on, its effect measured against the trained weights.
     if ema is not None:

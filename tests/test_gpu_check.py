@@ -1,0 +1,66 @@
+"""bench/gpu_check.py: its CPU smoke run passes every check and prints the GPU run's columns; the
+record check compiles with the real Inductor backend (C++ code generation on the CPU) at both
+depths, train and eval, without a recompile; a broken check fails by name."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import gpu_check  # noqa: E402
+
+
+def run(tmp_path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    return subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--smoke", "--work", str(tmp_path / "work"),
+                           *args], env={**full, "OMP_NUM_THREADS": "2", **(env or {})}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def rows(out: str) -> dict[str, list[dict[str, str]]]:
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    table: dict[str, list[dict[str, str]]] = {}
+    for line in lines[1:]:
+        row = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+        table.setdefault(row["check"], []).append(row)
+    return table
+
+
+def test_smoke_run_passes_every_check_with_inductor_and_no_recompiles(tmp_path):
+    cache = tmp_path / "inductor"
+    result = run(tmp_path, env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    table = rows(result.stdout)
+    assert list(table) == ["record_d1", "record_d2", "mod", "deq", "seed_lora", "sliding_eval", "ttt_eval"]
+    assert all(r["result"] == "pass" for rs in table.values() for r in rs)
+    for depth in (1, 2):
+        (row,) = table[f"record_d{depth}"]
+        assert row["depth"] == str(depth) and float(row["ms/step"]) > 0 and float(row["TFLOP/s"]) > 0
+        assert int(row["graphs"]) > 0 and row["recompiles"] == "0"  # compiled, and nothing after the warmup
+        assert len(row["first losses"].split(",")) == 3
+    # The compiled run used Inductor: its log says compile:True and Inductor wrote C++ kernels.
+    log = (tmp_path / "work" / "record" / "logs" / "record.txt").read_text()
+    assert "device:cpu compile:True autocast_bf16:False" in log
+    assert list(cache.rglob("*.cpp")) or list(cache.rglob("*.so"))
+    assert [r["depth"] for r in table["deq"]] == ["1", "solve"]
+    assert re.fullmatch(r"eval \d+ms val_bpb [\d.]+", table["ttt_eval"][0]["note"])
+
+
+def test_a_broken_check_fails_by_name(tmp_path):
+    result = run(tmp_path, "--only", "deq", env={"ANDERSON_M": "0"})
+    assert result.returncode == 1
+    (row,) = rows(result.stdout)["deq"]
+    assert row["result"] == "FAIL" and "ANDERSON_M=0" in row["note"]
+    assert result.stderr.strip().splitlines()[-1] == "FAILED: deq"
+
+
+def test_device_peaks_are_named():
+    assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3", None)[0] == 989.4  # SXM
+    assert gpu_check.peak_tflops("NVIDIA H100 PCIe", None)[0] == 756.0
+    assert gpu_check.peak_tflops("Tesla T4", None)[0] is None
+    assert gpu_check.peak_tflops("Tesla T4", 65.0) == (65.0, "Tesla T4 (--peak-tflops 65)")
