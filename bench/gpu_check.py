@@ -3,9 +3,9 @@
     python3 bench/gpu_check.py              # on a machine with one CUDA GPU
     python3 bench/gpu_check.py --smoke      # the same code at a tiny size on the CPU (CI runs it)
 
-Every check is a run of train_gpt.py itself, as a record run makes it (torch.compile, flash
-attention only, bf16 autocast), each in its own folder under --work, read back through its log
-lines:
+Every check is a run of train_gpt.py, packed as the README's record command packs it
+(records/submission.py pack) and run as a record run runs it (torch.compile, flash attention only,
+bf16 autocast), each in its own folder under --work, read back through its log lines:
 - record: the default configuration (PR #1088) for a few steps at depth 2, then at depth 6, on
   one GPU accumulating 8 micro-batches (the 8-GPU global batch of 524,288 tokens). Its rows give
   ms/step, tokens/s, the model FLOPs of a step (PyTorch's FLOP counter on the meta device; the
@@ -41,6 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
+sys.path.insert(0, str(REPO / "records"))
 
 # Dense (not sparse) bf16 tensor-core peaks from NVIDIA's data sheets, by device-name fragment.
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
@@ -160,13 +161,14 @@ def read_rows(check: Check, log: str, peak: float | None) -> list[dict]:
     return rows
 
 
-def run_check(check: Check, data_env: dict[str, str], work: Path, peak: float | None, timeout: int) -> list[dict]:
+def run_check(check: Check, script: Path, data_env: dict[str, str], work: Path, peak: float | None,
+              timeout: int) -> list[dict]:
     folder = work / check.name
     folder.mkdir(parents=True)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))},
            **data_env, **check.env, "RUN_ID": check.name}
     try:
-        result = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=folder, env=env,
+        result = subprocess.run([sys.executable, str(script)], cwd=folder, env=env,
                                 capture_output=True, text=True, timeout=timeout)
         failure = None if result.returncode == 0 else \
             f"exit {result.returncode}: {(result.stderr.strip().splitlines() or ['no message'])[-1][:160]}"
@@ -221,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     checks = [c for c in plan(args.smoke) if not args.only or c.name in args.only]
     print(f"device: {peak[1]}", flush=True)
+    from submission import pack
+    script = work / "train_gpt.py"
+    script.write_text(pack((REPO / "train_gpt.py").read_text(encoding="utf-8")), encoding="utf-8")
+    print(f"script: {script} ({script.stat().st_size} bytes packed)", flush=True)
     data_env = prepare_data(work, args.smoke, args.data_path, args.tokenizer_path, args.val_tokens)
     print(f"data: {data_env['DATA_PATH']} (vocab {data_env['VOCAB_SIZE']})", flush=True)
     env = {"CUDA_VISIBLE_DEVICES": ""} if args.smoke else {}  # the smoke run stays on the CPU
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     for check in checks:
         print(f"{check.name}: running", flush=True)
         check.env.update({**data_env, **env})
-        rows += run_check(check, data_env, work, peak[0], args.timeout)
+        rows += run_check(check, script, data_env, work, peak[0], args.timeout)
     print(table(rows))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -201,3 +201,32 @@ def test_packed_script_runs_identically_and_counts_its_own_bytes(tmp_path, datas
         track="track_10min_16mb", date="2026-11-25", root=str(tmp_path / "records"), beat=None))
     assert (folder / "train_gpt.py").read_bytes() == packed.read_bytes()
     assert (folder / "train_gpt_readable.py").read_text() == readable
+
+
+def test_the_record_config_fits_packed_and_not_readable():
+    # The README's record command runs the packed script. At the default (PR #1088) configuration
+    # the estimate, calibrated on PR #1088's own artifact, leaves room for the packed code only.
+    import train_gpt
+    args = train_gpt.Hyperparameters({})
+    args.validate(8)
+    weights = train_gpt.estimate_artifact_bytes(train_gpt.GPT(args).state_dict(), args)
+    assert abs(weights - 15_928_510) < 0.002 * 15_928_510  # PR #1088's int8+zlib artifact
+    readable = (REPO / "train_gpt.py").read_text()
+    packed, source = len(submission.pack(readable).encode()), len(readable.encode())
+    assert weights + packed < train_gpt.SIZE_CAP_BYTES < weights + source
+    assert train_gpt.size_verdict(weights + packed, args).startswith("WARNING: within the estimate's 6% error")
+    assert train_gpt.size_verdict(weights + source, args).startswith("WARNING: likely over the cap: run a packed script")
+
+
+def test_the_estimate_is_within_its_error_of_the_published_baseline_artifacts():
+    # Out of sample: the challenge's naive baseline (this script's plain point; 15,815,847 bytes)
+    # and the FP16Embed_WD3600 record (MLP hidden 992, fp16 embedding; 15,848,097 bytes).
+    import train_gpt
+    plain = dict(NUM_STEM_BLOCKS="4", NUM_LAYER_SCHEDULE="0:1", NUM_TAIL_BLOCKS="4", MODEL_DIM="512", NUM_HEADS="8",
+                 NUM_KV_HEADS="4", MLP_MULT="2", MLP_LAYERS="2", ATTN_PER_BLOCK="1", UNET_SKIPS="1", TIE_EMBEDDINGS="1",
+                 NORM_BIAS="0")
+    for env, published in ((plain, 15_815_847), ({**plain, "MLP_MULT": "1.9375", "EMBED_BITS": "16"}, 15_848_097)):
+        args = train_gpt.Hyperparameters(env)
+        args.validate(8)
+        error = train_gpt.estimate_artifact_bytes(train_gpt.GPT(args).state_dict(), args) / published - 1
+        assert -train_gpt.SIZE_ESTIMATE_ERROR < error < 0.0, error
