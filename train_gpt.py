@@ -110,7 +110,7 @@ class Hyperparameters:
         # Anderson acceleration mixing each token's own history (ANDERSON_M iterates, ridge
         # ANDERSON_LAMBDA, mixing ANDERSON_BETA) for DEQ_ITERS (EVAL_DEQ_ITERS in evaluation)
         # iterations, and PHANTOM_STEPS damped steps z <- (1 - PHANTOM_LAMBDA) z + PHANTOM_LAMBDA f(z)
-        # carry the gradient. DEQ_TOL > 0 stops an uncompiled training solve early.
+        # carry the gradient. DEQ_TOL > 0 stops a training solve early (needs TORCH_COMPILE=0).
         self.deq = self._get("DEQ", False)
         self.deq_warmup_steps = self._get("DEQ_WARMUP_STEPS", 200)
         self.deq_iters = self._get("DEQ_ITERS", 8)
@@ -285,6 +285,9 @@ class Hyperparameters:
                                      ("SIZE_CHECK", self.size_check, ("refuse", "warn"))):
             if value not in choices:
                 raise RunError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
+        if self.deq_tol > 0 and self.torch_compile:
+            raise RunError(f"DEQ_TOL={self.deq_tol} stops the solve early by reading the residual on the host, which a "
+                           "compiled graph cannot do: set TORCH_COMPILE=0 or DEQ_TOL=0")
         if self.deq and (self.unet_skips or self.mod_capacity):
             raise RunError("DEQ=1 iterates one map to its fixed point: it does not combine with UNET_SKIPS or MOD_CAPACITY")
         if not 0.0 < self.phantom_lambda <= 1.0 or not 0.0 < self.anderson_beta <= 1.0:

@@ -267,6 +267,7 @@ BAD = {
     "estimated over the cap": (OVER_CAP, "more than the estimate's 6% error"),
     "size check": ({"SIZE_CHECK": "ignore"}, "SIZE_CHECK"),
     "autocast": ({"AUTOCAST": "fp16"}, "AUTOCAST"),
+    "compiled early exit": ({"DEQ": "1", "DEQ_TOL": "0.01", "TORCH_COMPILE": "1"}, "DEQ_TOL=0.01"),
 }
 
 
