@@ -153,4 +153,3 @@ def test_recompile_limit_is_set_on_old_and_new_torch():
     train_gpt.set_recompile_limit(new, 64)
     train_gpt.set_recompile_limit(old, 64)
     assert new.recompile_limit == 64 and old.cache_size_limit == 64 and not hasattr(old, "recompile_limit")
-    train_gpt.set_recompile_limit(torch._dynamo.config, torch._dynamo.config.recompile_limit)  # this torch's name

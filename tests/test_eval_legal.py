@@ -103,7 +103,7 @@ def test_smaller_stride_scores_better_on_a_trained_model(luts):
     # positions with little context (early in a window) are hard to predict.
     data = torch.randint(4, 10, (45,), generator=g).repeat(60)
     x, y = train_gpt.inputs_and_targets(data[: 64 * SEQ + 1], SEQ)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)  # 1e-2 spikes late on some torch versions
     for _ in range(150):
         opt.zero_grad()
         model(x, y, 3).mean().backward()
@@ -215,7 +215,7 @@ def test_sliding_and_ttt_capture_in_one_graph_each(luts, mode):
     """The compiled evaluation paths (CUDA's) capture without graph breaks and give the eager scores."""
     torch._dynamo.reset()
     model = tiny_model(randomize=True)
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)  # as main() compiles
     tokens = stream(400, doc_every=90)
     args = tiny_args(**{"EVAL_STRIDE": "8", "TTT_CHUNK_TOKENS": "64", "TTT_LR": "0.05", **TTT_MODES[mode]})
     for run in (lambda m: train_gpt.evaluate(m, tokens, luts, 3, SEQ, 8, 8),
