@@ -290,3 +290,16 @@ def test_nonfinite_loss_stops_without_artifact(tmp_path, dataset):
     assert "NaN/inf" in result.stderr.strip().splitlines()[-1]
     assert not list(tmp_path.glob("final_model*"))
     assert not [l for l in result.stdout.splitlines() if l.startswith("final_")]
+
+
+def test_old_torch_is_refused_in_one_line_before_any_work(tmp_path, dataset):
+    # The script run as __main__ under a torch that reports 2.4.1.
+    import os, subprocess, sys
+    shim = ("import runpy, sys, torch; torch.__version__ = '2.4.1'; sys.argv = [sys.argv[1]]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", shim, str(REPO / "train_gpt.py")], cwd=tmp_path, text=True,
+                            capture_output=True, env={**os.environ, **dataset, **RUN}, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: torch 2.4.1 is older than 2.5, the oldest this script supports: "
+                                                  "pip install 'torch>=2.5'"]
+    assert not (tmp_path / "logs").exists()
