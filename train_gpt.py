@@ -7,7 +7,8 @@ pre-norm biases, output scales and residual mixes, a depth schedule (2 then 6) w
 is compiled before the clock starts, noisy QAT, and an int8+zlib artifact scored by val_bpb.
 
 Launch: `torchrun --standalone --nproc_per_node=8 train_gpt.py`, or `python3 train_gpt.py` for one
-process (CUDA when present, else CPU with gloo; TORCH_COMPILE=0 skips compilation).
+process (CUDA when present, else CPU with gloo; TORCH_COMPILE=0 skips compilation). A record run
+launches the file `records/submission.py pack` writes: a run counts the bytes of the file it runs.
 """
 
 from __future__ import annotations

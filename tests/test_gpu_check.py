@@ -64,3 +64,21 @@ def test_device_peaks_are_named():
     assert gpu_check.peak_tflops("NVIDIA H100 PCIe", None)[0] == 756.0
     assert gpu_check.peak_tflops("Tesla T4", None)[0] is None
     assert gpu_check.peak_tflops("Tesla T4", 65.0) == (65.0, "Tesla T4 (--peak-tflops 65)")
+
+
+def test_an_evaluation_that_finished_passes_when_a_later_one_times_out():
+    check = next(c for c in gpu_check.plan(smoke=True) if c.name == "eval")
+    log = ("compile_stats unique_graphs:0 recompiles_after_warmup:0\n"
+           "final_sliding_window stride:8 val_loss:2.5 val_bpb:1.5000 eval_time:120ms\n")
+    rows = {r["check"]: r for r in gpu_check.judge(check, log, "timed out after 300s", None)}
+    assert rows["sliding_eval"]["result"] == "pass" and rows["sliding_eval"]["note"] == "eval 120ms val_bpb 1.5000"
+    assert rows["ttt_eval"] == {**rows["ttt_eval"], "result": "FAIL", "note": "timed out after 300s"}
+    # Finished, but with a NaN score: everything fails.
+    nan = log.replace("val_bpb:1.5000", "val_bpb:nan") + "compliance ...\n"
+    assert {r["result"] for r in gpu_check.judge(check, nan, None, None)} == {"FAIL"}
+
+
+def test_a_record_run_without_its_lines_fails():
+    record = gpu_check.plan(smoke=True)[0]
+    (row,) = gpu_check.judge(record, "model_params:1\n", None, None)
+    assert row["result"] == "FAIL" and "recompiles_after_warmup:0" in row["note"]
