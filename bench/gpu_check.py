@@ -218,14 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (record mod deq seed_lora eval)")
     args = parser.parse_args(argv)
 
-    import torch
     if args.smoke:
-        device, peak = "cpu", (args.peak_tflops, f"CPU smoke run (torch {torch.__version__}), no bf16 peak: MFU -")
-    elif not torch.cuda.is_available():
-        print("error: no CUDA device; run with --smoke for the CPU version", file=sys.stderr)
-        return 2
-    else:
-        device, peak = torch.cuda.get_device_name(0), peak_tflops(torch.cuda.get_device_name(0), args.peak_tflops)
+        import torch
+        peak = (args.peak_tflops, f"CPU smoke run (torch {torch.__version__}), no bf16 peak: MFU -")
+    else:  # asked in a child process, so this one never holds a CUDA context beside the runs
+        probe = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+        device = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+        if not device:
+            print("error: no CUDA device; run with --smoke for the CPU version", file=sys.stderr)
+            return 2
+        peak = peak_tflops(device, args.peak_tflops)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
     if args.work and work.exists():
         shutil.rmtree(work)
