@@ -50,7 +50,7 @@ def from_log(path: Path) -> tuple[str, int, int]:
     import submission
     run = submission.parse_log(path)
     env = {k.upper(): submission.env_value(v) for k, v in run.config.items()}
-    return path.name, estimate(env) + run.bytes_code, run.bytes_total
+    return str(path), estimate(env) + run.bytes_code, run.bytes_total
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,8 +59,9 @@ def test_end_to_end_run(tmp_path, dataset):
 
 
 def test_int6_zstd_run_with_late_ste_qat_and_ema(tmp_path, dataset):
-    # MLP matrices of 128 x 640 and 640 x 640 are quantized, so QAT and the int6 grid act on them.
-    env = {**dataset, **RUN, "TTT_ENABLED": "0", "MODEL_DIM": "128", "MLP_MULT": "5", "QUANT_BITS": "6",
+    # MLP matrices of 128 x 640 are quantized, so QAT and the int6 grid act on them. (Two MLP
+    # layers: a 640 x 640 one would triple the step's cost in Muon's bf16 on a CPU.)
+    env = {**dataset, **RUN, "TTT_ENABLED": "0", "MODEL_DIM": "128", "MLP_MULT": "5", "MLP_LAYERS": "2", "QUANT_BITS": "6",
            "COMPRESSOR": "zstd", "QAT_MODE": "ste", "QAT_START_FRAC": "0.5", "EMA_DECAY": "0.5", "EVAL_STRIDE": "0"}
     result = run_script(tmp_path, env)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -126,7 +127,7 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(tmp_path, dataset
     # Noise QAT on a wide MLP (RNG), EMA, a depth change after the checkpoint and a step-based
     # warmdown across it: all of it must continue exactly.
     env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "ITERATIONS": "10", "VAL_LOSS_EVERY": "5",
-           "NUM_LAYER_SCHEDULE": "0:1,6:2", "MODEL_DIM": "128", "MLP_MULT": "5", "EMA_DECAY": "0.8",
+           "NUM_LAYER_SCHEDULE": "0:1,6:2", "MODEL_DIM": "128", "MLP_MULT": "5", "MLP_LAYERS": "2", "EMA_DECAY": "0.8",
            "WARMDOWN_START_STEP": "3", "MIN_LR_FRAC": "0.1", "UNET_SKIPS": "1", "BIGRAM_TABLE_SIZE": "64", "RUN_ID": "r"}
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     straight.mkdir()
@@ -182,7 +183,8 @@ def test_pr1783_systems_run_end_to_end(tmp_path, dataset, system):
     env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "16", "ITERATIONS": "6", "VAL_LOSS_EVERY": "0"}
     if system == "deq":
         env.update(DEQ="1", DEQ_WARMUP_STEPS="3", NUM_LAYER_SCHEDULE="0:2", DEQ_ITERS="4", EVAL_DEQ_ITERS="6",
-                   NUM_STEM_BLOCKS="1", NUM_TAIL_BLOCKS="1", AUTOCAST="bf16")  # CUDA's numerics on the CPU
+                   NUM_STEM_BLOCKS="1", NUM_TAIL_BLOCKS="1", AUTOCAST="bf16",  # CUDA's numerics on the CPU
+                   EVAL_STRIDE="32")  # bf16 is slow on a CPU: one window per sequence
     else:
         env.update(MOD_CAPACITY="0.5", SEED_LORA_RANK="4", SEED_LORA_TARGETS="all", NUM_LAYER_SCHEDULE="0:2,3:4",
                    NUM_TAIL_BLOCKS="1")
