@@ -839,9 +839,10 @@ def load_artifact(path: str) -> dict[str, Tensor]:
 # The size estimate's calibration. Codes are costed as those of Gaussian rows of TRAINED_ROW_STD,
 # fitted so that the default configuration is estimated at PR #1088's int8+zlib artifact
 # (15,928,510 bytes; in sample). Out of sample, against the published int8+zlib artifacts this
-# script can express (nine runs of the challenge's baseline, its plain point: 15.80-15.84 MB; the
-# FP16Embed_WD3600 record, EMBED_BITS=16: 15.85 MB), it is 3.2-5.3% low. Short runs compress
-# better than record-length ones (their rows are smaller), so the estimate is high for them.
+# script can express (twelve runs of the challenge's baseline, its plain point: 15.80-15.84 MB;
+# the FP16Embed_WD3600 record, EMBED_BITS=16: 15.85 MB), it is 3.2-5.3% low (bench/size_estimate.py).
+# Short runs compress better than record-length ones (their rows are smaller): the estimate is high
+# for them.
 TRAINED_ROW_STD = 0.228
 SIZE_ESTIMATE_ERROR = 0.06  # the largest error measured at record scale (5.3%), rounded up
 
@@ -1359,10 +1360,10 @@ MIN_TORCH = (2, 5)  # SDPA's enable_gqa (2.5) and F.rms_norm (2.4)
 
 
 def check_torch_version(version: str) -> None:
-    found = tuple(int(v) for v in re.findall(r"\d+", version)[:2])
-    if found < MIN_TORCH:
-        raise RunError(f"torch {version} is older than {'.'.join(map(str, MIN_TORCH))}, the oldest this script "
-                       f"supports: pip install 'torch>={'.'.join(map(str, MIN_TORCH))}'")
+    if tuple(int(v) for v in re.findall(r"\d+", version)[:2]) < MIN_TORCH:
+        minimum = ".".join(map(str, MIN_TORCH))
+        raise RunError(f"torch {version} is older than {minimum}, the oldest this script supports: "
+                       f"pip install 'torch>={minimum}'")
 
 
 def set_recompile_limit(config, limit: int) -> None:

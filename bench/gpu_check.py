@@ -28,14 +28,13 @@ uncompiled to keep CI fast.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +54,6 @@ class Check:
     name: str
     env: dict[str, str]
     expect: tuple[str, ...] = ()  # log lines (regexes) the check needs
-    rows: list[dict] = field(default_factory=list)
 
 
 def peak_tflops(device_name: str, override: float | None) -> tuple[float | None, str]:
