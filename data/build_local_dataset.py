@@ -12,6 +12,12 @@ machine, and identical documents always land on the same side, so val never leak
 A SentencePiece BPE tokenizer is trained on the train split with the settings of the challenge's
 fineweb_1024_bpe.model (or --tokenizer gives one), then every document is written as BOS + ids
 into fineweb_{train,val}_NNNNNN.bin shards, which train_gpt.py reads like the challenge's own.
+
+The output folder also gets build_local_dataset.json, the list of the files that the build wrote. A
+rebuild replaces only those: shards there that it does not list (the challenge's downloaded ones,
+say), or a tokenizer file that an earlier build into that folder did not write, stop the build
+before any work unless --force. Everything is written under temporary names and renamed into place
+at the end, so a failed build leaves the earlier output as it was, tokenizer included.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from types import ModuleType
 import numpy as np
 import sentencepiece as spm
 
-from shards import MAX_TOKEN_ID, atomic_open, write_shard
+from shards import MAX_TOKEN_ID, atomic_open, temp_path, write_shard
 
 BOS_ID = 1
 DEFAULT_VOCAB_SIZE = 1024
@@ -45,6 +51,7 @@ THREADS = os.cpu_count() or 1
 ENCODE_BATCH_DOCS = 4096
 MODULE_TIMEOUT_S = 10  # per module import in the docstring collector
 COLLECT_TIMEOUT_S = 600  # for the whole collector
+MARKER = "build_local_dataset.json"  # in the output folder: what the build there wrote
 
 # Read from the challenge's fineweb_1024_bpe.model (trainer_spec and normalizer_spec, via
 # sentencepiece_model_pb2); everything else in its spec is SentencePiece's default.
@@ -101,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--tokenizer-out", type=Path, metavar="MODEL",
                            help="where the trained model goes (default data/tokenizers/local_<vocab>_bpe.model)")
     parser.add_argument("--output-dir", type=Path, metavar="DIR",
-                        help="shard folder (default data/datasets/local_sp<vocab>); earlier shards there are replaced")
+                        help="shard folder (default data/datasets/local_sp<vocab>); the shards that an earlier "
+                             "build wrote there are replaced")
+    parser.add_argument("--force", action="store_true",
+                        help="replace fineweb_*.bin shards in --output-dir and a tokenizer file at --tokenizer-out "
+                             "even though no earlier build of this tool wrote them")
     parser.add_argument("--shard-tokens", type=positive_int, default=100_000_000, metavar="N",
                         help="tokens per shard (default 100,000,000, as the challenge's)")
     return parser
@@ -298,12 +309,55 @@ def write_split(docs: Iterable[np.ndarray], out_dir: Path, split: str, shard_tok
     return total, names
 
 
+def read_marker(out_dir: Path) -> tuple[set[str], str | None]:
+    """The shard names and the tokenizer path that the last build into out_dir wrote (none when its
+    marker is missing or unreadable)."""
+    try:
+        marker = json.loads((out_dir / MARKER).read_text(encoding="utf-8"))
+        return set(marker["files"]), marker.get("tokenizer")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set(), None
+
+
+def write_marker(out_dir: Path, files: Iterable[str], tokenizer: Path | None) -> None:
+    record = {"files": sorted(files), "tokenizer": str(tokenizer.resolve()) if tokenizer else None}
+    with atomic_open(out_dir / MARKER) as f:
+        f.write((json.dumps(record, indent=1) + "\n").encode())
+
+
+def check_output(out_dir: Path, tokenizer_out: Path | None, force: bool) -> set[str]:
+    """The shards in out_dir that the build will replace. Shards there that out_dir's marker does not
+    list, or a tokenizer_out file that it does not name, are refused unless `force`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BuildError(f"--output-dir {out_dir}: not a folder")
+    ours, our_tokenizer = read_marker(out_dir)
+    shards = {p.name for p in out_dir.glob("fineweb_*.bin")}
+    foreign = sorted(shards - ours)
+    if foreign and not force:
+        raise BuildError(f"--output-dir {out_dir} holds {len(foreign)} fineweb_*.bin file(s) that this tool did "
+                         f"not write ({foreign[0]}{', ...' if len(foreign) > 1 else ''}); pass --force to replace them, or choose another folder")
+    if tokenizer_out and tokenizer_out.exists() and not force and our_tokenizer != str(tokenizer_out.resolve()):
+        raise BuildError(f"--tokenizer-out {tokenizer_out}: the file exists and no earlier build into {out_dir} "
+                         "wrote it; pass --force to overwrite it, or choose another path")
+    return shards
+
+
 # -----------------------------------------------------------------------------
 # Main
 # -----------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> None:
     start = time.monotonic()
+    # Everything that can be checked without the documents is, before collecting them.
+    sp = load_tokenizer(args.tokenizer, args.vocab_size) if args.tokenizer else None
+    vocab = sp.vocab_size() if sp else args.vocab_size or DEFAULT_VOCAB_SIZE
+    if vocab > MAX_TOKEN_ID + 1:
+        raise BuildError(f"{f'--tokenizer {args.tokenizer}' if sp else '--vocab-size'}: vocab {vocab} does not fit "
+                         f"the shards' uint16 tokens (at most {MAX_TOKEN_ID + 1})")
+    out_dir = args.output_dir or Path(f"data/datasets/local_sp{vocab}")
+    tokenizer_path = args.tokenizer or args.tokenizer_out or Path(f"data/tokenizers/local_{vocab}_bpe.model")
+    replaced = check_output(out_dir, None if sp else tokenizer_path, args.force)
+
     if args.input:
         docs = read_inputs(args.input)[:args.max_docs]
         source = f"--input {' '.join(map(str, args.input))}"
@@ -325,34 +379,36 @@ def run(args: argparse.Namespace) -> None:
                          f"--val-fraction {args.val_fraction}); {hint} or add documents")
 
     model = None
-    if args.tokenizer:
-        sp = load_tokenizer(args.tokenizer, args.vocab_size)
-    else:
-        model = train_tokenizer(train, args.vocab_size or DEFAULT_VOCAB_SIZE)
+    if sp is None:
+        model = train_tokenizer(train, vocab)
         sp = spm.SentencePieceProcessor(model_proto=model)
-    vocab = sp.vocab_size()
-    if vocab > MAX_TOKEN_ID + 1:
-        raise BuildError(f"vocab {vocab} does not fit the shards' uint16 tokens")
-    out_dir = args.output_dir or Path(f"data/datasets/local_sp{vocab}")
-    tokenizer_path = args.tokenizer or args.tokenizer_out or Path(f"data/tokenizers/local_{vocab}_bpe.model")
 
-    # Shards are written to a temporary folder beside out_dir and moved in only once all exist, so
-    # a failed build leaves neither half a dataset nor a tokenizer that does not match its shards.
+    # Shards go to a temporary folder beside out_dir and the tokenizer to a temporary name beside its
+    # path; only once all exist are they renamed into place, the tokenizer last, so a failed build
+    # leaves neither half a dataset nor a tokenizer that does not match its shards.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    new_tokenizer = temp_path(tokenizer_path)
+    ours = tokenizer_path if model is not None else None
     try:
         written = {split: write_split(encode_docs(sp, split_docs, split), staging, split, args.shard_tokens)
                    for split, split_docs in (("train", train), ("val", val))}
+        names = {name for _, split_names in written.values() for name in split_names}
         if model is not None:
-            with atomic_open(tokenizer_path) as f:
+            with atomic_open(new_tokenizer) as f:
                 f.write(model)
         out_dir.mkdir(exist_ok=True)
-        for old in out_dir.glob("fineweb_*.bin"):  # an earlier build may have had more shards
-            old.unlink()
-        for new in staging.iterdir():
-            os.replace(new, out_dir / new.name)
+        write_marker(out_dir, replaced | names, ours)  # while the two builds mix, all of it counts as ours
+        for name in sorted(names):
+            os.replace(staging / name, out_dir / name)
+        for name in replaced - names:  # an earlier build may have had more shards
+            (out_dir / name).unlink(missing_ok=True)
+        if model is not None:
+            os.replace(new_tokenizer, tokenizer_path)
+        write_marker(out_dir, names, ours)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        new_tokenizer.unlink(missing_ok=True)
 
     print(f"documents: {len(docs):,} from {source} (train {len(train):,}, val {len(val):,}, seed {args.seed})")
     for split, (tokens, names) in written.items():

@@ -9,30 +9,43 @@ huggingface_hub: the Hugging Face dataset repo willdepueoai/parameter-golf holds
 and each lands at the same relative path under --output-dir (default ./data), which is where
 train_gpt.py looks by default.
 
-Downloads resume: bytes go to NAME.part, a rerun (or a retry after a dropped connection) continues
-with an HTTP Range request, and a file gets its final name only once complete; shards must also
-pass the header and size check. Files already in place are skipped (shards are re-verified).
+Downloads resume: bytes go to NAME.part, and NAME.part.meta records the ETag (or Last-Modified)
+and size of the remote file. A rerun, or a retry after a dropped connection, continues with an HTTP
+Range request made conditional on that validator (If-Range), so a file that changed remotely in
+between is fetched again from the start rather than spliced. A file gets its final name only once
+complete: its size must match, its SHA-256 too where the server publishes one (Hugging Face does
+for its large files, as X-Linked-Etag), and shards must pass the header and size check. Busy
+answers (HTTP 429, 5xx) are retried after the server's Retry-After or a growing pause. Files already
+in place are skipped (shards are re-verified).
 """
 from __future__ import annotations
 
 import argparse
+import email.utils
+import hashlib
 import http.client
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path, PurePosixPath
 
-from shards import verify_shard
+from shards import atomic_open, verify_shard
 
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/willdepueoai/parameter-golf/resolve/main/datasets"
 BASE_URL_ENV = "PARAMETER_GOLF_DATA_URL"
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60
-ATTEMPTS = 3  # per file; every retry resumes from what the .part already holds
+ATTEMPTS = 5  # per file; every retry resumes from what the .part already holds
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_RETRY_WAIT_S = 120  # the longest pause between attempts, a server's Retry-After included
 MB = 1e6
+SHA256 = re.compile(r'"?([0-9a-fA-F]{64})"?')  # an ETag that is a SHA-256 of the content
+sleep = time.sleep
 
 
 class DownloadError(Exception):
@@ -51,10 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
                              "(the public repo publishes sp1024)")
     parser.add_argument("--output-dir", type=Path, default=Path("data"), metavar="DIR",
                         help="local root mirroring the remote layout (default ./data)")
-    parser.add_argument("--base-url", default=os.environ.get(BASE_URL_ENV, DEFAULT_BASE_URL), metavar="URL",
-                        help=f"URL of the folder holding manifest.json (env {BASE_URL_ENV}; "
+    parser.add_argument("--base-url", metavar="URL",
+                        help=f"http(s) URL of the folder holding manifest.json (env {BASE_URL_ENV}; "
                              "default: the challenge's Hugging Face repo)")
     return parser
+
+
+def base_url(args: argparse.Namespace) -> str:
+    """--base-url, else the environment's, else the default; DownloadError naming the setting if it is
+    not an http(s) URL."""
+    name, url = "--base-url", args.base_url
+    if url is None:
+        name, url = BASE_URL_ENV, os.environ.get(BASE_URL_ENV)
+    if url is None:
+        return DEFAULT_BASE_URL
+    try:
+        parts = urllib.parse.urlsplit(url)
+        valid = (parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+                 and not re.search(r"[\x00-\x20\x7f]", url))
+    except ValueError:  # a port that is not a number
+        valid = False
+    if not valid:
+        raise DownloadError(f"{name} {url!r}: not a valid http:// or https:// URL (the default is {DEFAULT_BASE_URL})")
+    return url.rstrip("/")
 
 
 def plan_files(manifest: dict, variant: str, train_shards: int) -> tuple[list[str], str, int | None]:
@@ -90,24 +122,83 @@ def say(message: str) -> None:
     print(("\r\033[K" if sys.stdout.isatty() else "") + message, flush=True)
 
 
-def fetch_part(url: str, part: Path, progress: str) -> int:
-    """Append the rest of `url` to `part` (a Range request when it already holds bytes); returns
-    the bytes received."""
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+class RedirectHeaders(urllib.request.HTTPRedirectHandler):
+    """Keeps the headers of the redirects followed: Hugging Face names a large file's SHA-256 and size
+    (X-Linked-Etag, X-Linked-Size) on its redirect to the CDN, whose own ETag is something else."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's signature
+        self.seen.append(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def read_meta(meta: Path, url: str) -> dict:
+    """What NAME.part.meta recorded about the remote file the .part holds the start of; {} when it is
+    missing, unreadable or about another URL."""
     try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+        record = json.loads(meta.read_text(encoding="utf-8"))
+        return record if isinstance(record, dict) and record.get("url") == url else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe(url: str, response: http.client.HTTPResponse, redirects: list) -> dict:
+    """The remote file, from the headers of a full (200) response and the redirects before it."""
+    headers = [*redirects, response.headers]
+    digests = [h.get(key) for key in ("X-Linked-Etag", "ETag") for h in headers]
+    digest = next((m[1].lower() for d in digests if d and (m := SHA256.fullmatch(d))), None)
+    sizes = [response.headers.get("Content-Length")] + [h.get("X-Linked-Size") for h in redirects]
+    etag = response.headers.get("ETag")
+    return {"url": url, "etag": etag if etag and not etag.startswith("W/") else None,  # If-Range takes strong ones
+            "last_modified": response.headers.get("Last-Modified"), "sha256": digest,
+            "size": next((int(n) for n in sizes if n and n.isdigit()), None)}
+
+
+def fetch_part(url: str, part: Path, progress: str) -> int:
+    """Append the rest of `url` to `part` and return the bytes received. The .part is continued only
+    with a Range request conditional on the validator in its .meta; without one, or when the remote
+    file changed, it starts over."""
+    meta_path = part.with_name(part.name + ".meta")
+    meta = read_meta(meta_path, url)
+    have = part.stat().st_size if part.exists() else 0
+    validator = meta.get("etag") or meta.get("last_modified")
+    if have and not validator:
+        say(f"{progress}: nothing records which remote file {part.name} came from; starting over")
+        have = 0
+    if have and have == meta.get("size"):
+        say(f"{progress}: {part.name} is complete; verifying it")
+        return 0  # download() verifies it
+    headers = {"Range": f"bytes={have}-", "If-Range": validator} if have else {}
+    redirects = RedirectHeaders()
+    try:
+        response = urllib.request.build_opener(redirects).open(urllib.request.Request(url, headers=headers),
+                                                               timeout=TIMEOUT_S)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # the .part is as long as the remote file or longer: start over
             part.unlink()
         raise
     with response:
-        if have and response.status != 206:  # the server ignored the Range header: start over
-            have = 0
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
+        if have:
+            span = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+            if response.status != 206:
+                say(f"{progress}: the remote file changed since {part.name} began (or Range is ignored); starting over")
+                have = 0
+            elif not span or int(span[1]) != have:
+                part.unlink()  # a server that answers other ranges gets one request for the whole file
+                raise DownloadError(f"asked for bytes {have}- and got Content-Range "
+                                    f"{response.headers.get('Content-Range')!r}")
+            else:
+                say(f"{progress} resuming at {have / MB:.1f} MB")
+        total = (meta.get("size") or (int(span[2]) if span[2] != "*" else None)) if have else None
         start, done, shown = have, have, 0.0
-        with open(part, "ab" if have else "wb") as f:
+        with open(part, "ab" if have else "wb") as f:  # "wb" empties it before the new .meta exists
+            if not have:
+                meta = describe(url, response, redirects.seen)
+                total = meta["size"]
+                with atomic_open(meta_path) as m:
+                    m.write(json.dumps(meta).encode())
             while chunk := response.read(CHUNK_BYTES):
                 f.write(chunk)
                 done += len(chunk)
@@ -115,37 +206,75 @@ def fetch_part(url: str, part: Path, progress: str) -> int:
                     shown = time.monotonic()
                     of = f"/{total / MB:.1f}" if total else ""
                     print(f"\r\033[K{progress} {done / MB:.1f}{of} MB", end="", flush=True)
+            f.flush()
+            os.fsync(f.fileno())
     if total is not None and done != total:
         raise DownloadError(f"connection closed after {done} of {total} bytes")
     return done - start
 
 
+def retry_after(headers: object) -> float | None:
+    """Seconds to wait per a Retry-After header (a number or an HTTP date), if there is one."""
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def download(url: str, dest: Path, progress: str) -> int:
     """Fetch `url` to `dest` through `dest`.part, retrying and resuming; returns the bytes received."""
     part = dest.with_name(dest.name + ".part")
+    meta_path = part.with_name(part.name + ".meta")
     dest.parent.mkdir(parents=True, exist_ok=True)
     received = 0
-    if part.exists():
-        say(f"{progress} resuming at {part.stat().st_size / MB:.1f} MB")
     for attempt in range(1, ATTEMPTS + 1):
         try:
             received += fetch_part(url, part, progress)
             break
         except urllib.error.HTTPError as e:
-            if (e.code < 500 and e.code != 416) or attempt == ATTEMPTS:
+            if (e.code not in RETRY_STATUSES and e.code != 416) or attempt == ATTEMPTS:
                 raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+            wait = retry_after(e.headers)
         except (OSError, http.client.HTTPException, DownloadError) as e:  # dropped connection, timeout
             if attempt == ATTEMPTS:
                 raise DownloadError(f"{url}: {e} (rerun to resume from {part.name})") from None
-        say(f"{progress} retrying ({attempt}/{ATTEMPTS - 1})")
-        time.sleep(2 ** attempt)
-    if dest.suffix == ".bin":
+            wait = None
+        wait = min(2.0 ** attempt if wait is None else wait, MAX_RETRY_WAIT_S)
+        say(f"{progress} retrying in {wait:.0f}s ({attempt}/{ATTEMPTS - 1})")
+        sleep(wait)
+    meta = read_meta(meta_path, url)
+    size, digest = part.stat().st_size, meta.get("sha256")
+    problem = None
+    if meta.get("size") is not None and size != meta["size"]:
+        problem = f"{size} bytes, but the server announced {meta['size']}"
+    elif digest and sha256_of(part) != digest:
+        problem = f"its SHA-256 is not the {digest} that the server published"
+    elif dest.suffix == ".bin":
         try:
             verify_shard(part)
         except ValueError as e:
-            part.unlink()
-            raise DownloadError(f"downloaded {dest.name} is corrupt, deleted it: {e}") from None
+            problem = str(e)
+    if problem:
+        part.unlink()
+        meta_path.unlink(missing_ok=True)
+        raise DownloadError(f"downloaded {dest.name} is corrupt, deleted it: {problem}")
     os.replace(part, dest)
+    meta_path.unlink(missing_ok=True)
     return received
 
 
@@ -164,7 +293,7 @@ def is_complete(dest: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> None:
-    base, root = args.base_url.rstrip("/"), args.output_dir
+    base, root = base_url(args), args.output_dir
     manifest_path = root / "manifest.json"
     if not manifest_path.exists():
         download(f"{base}/manifest.json", manifest_path, "[manifest]")
@@ -200,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except DownloadError as e:
+    except (DownloadError, OSError) as e:  # OSError: the output folder cannot be written, say
         print(("\r\033[K" if sys.stdout.isatty() else "") + f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

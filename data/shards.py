@@ -21,17 +21,25 @@ HEADER_BYTES = HEADER_INTS * 4
 MAX_TOKEN_ID = np.iinfo(np.uint16).max
 
 
+def temp_path(path: Path) -> Path:
+    """A fresh hidden name beside `path`, for writing it under before renaming it into place."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
 @contextlib.contextmanager
 def atomic_open(path: Path) -> Iterator[BinaryIO]:
-    """Write through a temporary file in the same directory, renamed over `path` only on success,
-    so an interrupted or failed write never leaves a partial file under the final name."""
+    """Write through a temporary file in the same directory, flushed to disk and renamed over `path`
+    only on success, so an interrupted or failed write (or a crash soon after) never leaves a
+    partial file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, unlike mkstemp's 0600
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

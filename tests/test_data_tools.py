@@ -5,13 +5,17 @@ downloader talks to an HTTP server on 127.0.0.1 started here).
 """
 from __future__ import annotations
 
+import email.utils
+import hashlib
 import http.server
 import json
+import os
 import random
 import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,8 +160,8 @@ def test_split_is_deterministic_disjoint_and_seeded(tmp_path, corpus):
     assert [rc for rc, _, _ in runs] == [0, 0]
     (_, a, tok_a), (_, b, tok_b) = runs
     assert tok_a.read_bytes() == tok_b.read_bytes()
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
+    names = sorted(p.name for p in a.glob("fineweb_*.bin"))
+    assert names == sorted(p.name for p in b.glob("fineweb_*.bin"))
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
     train, val = documents(split_stream(a, "train")), documents(split_stream(a, "val"))
     assert val and not set(train) & set(val)
@@ -171,9 +175,44 @@ def test_split_is_deterministic_disjoint_and_seeded(tmp_path, corpus):
 def test_rebuild_replaces_earlier_shards(tmp_path, corpus):
     inputs, _ = corpus
     assert build(tmp_path, inputs, "run")[0] == 0
-    rc, out, _ = build(tmp_path, inputs, "run", "--shard-tokens", "100000")
+    rc, out, tok = build(tmp_path, inputs, "run", "--shard-tokens", "100000")
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    shards = ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert sorted(p.name for p in out.iterdir()) == [builder.MARKER, *shards]
+    assert json.loads((out / builder.MARKER).read_text()) == {"files": shards, "tokenizer": str(tok.resolve())}
+
+
+def test_shards_it_did_not_write_are_refused_unless_forced(tmp_path, corpus, monkeypatch, capsys):
+    out = tmp_path / "run" / "shards"  # say, the challenge's downloaded shards
+    for name in ("fineweb_train_000000.bin", "fineweb_val_000007.bin"):
+        write_shard(out / name, np.arange(10, dtype=np.uint16))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    trained, train_tokenizer = [], builder.train_tokenizer
+    monkeypatch.setattr(builder, "train_tokenizer", lambda *a: trained.append(a) or train_tokenizer(*a))
+    rc, _, tok = build(tmp_path, corpus[0], "run")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and f"--output-dir {out} holds 2 fineweb_*.bin" in lines[0], lines
+    assert "--force" in lines[0]
+    assert not trained and not tok.exists()  # refused before any work
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    rc, out, tok = build(tmp_path, corpus[0], "run", "--force")
+    assert rc == 0 and not (out / "fineweb_val_000007.bin").exists()
+    assert verify_shard(out / "fineweb_train_000000.bin") == 1000
+    assert json.loads((out / builder.MARKER).read_text())["tokenizer"] == str(tok.resolve())
+
+
+def test_tokenizer_it_did_not_write_is_refused_unless_forced(tmp_path, corpus, capsys):
+    rc, _, tok = build(tmp_path, corpus[0], "first")
+    assert rc == 0
+    before = tok.read_bytes()
+    argv = ["--input", str(corpus[0][0]), "--vocab-size", "280", "--output-dir", str(tmp_path / "second")]
+    assert builder.main([*argv, "--tokenizer-out", str(tok)]) == 1  # would change the first build's tokenizer
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--tokenizer-out {tok}: the file exists" in lines[0] and "--force" in lines[0]
+    assert tok.read_bytes() == before and not (tmp_path / "second").exists()
+    assert builder.main([*argv, "--tokenizer-out", str(tok), "--force"]) == 0
+    assert spm.SentencePieceProcessor(model_file=str(tok)).vocab_size() == 280
 
 
 def test_failed_write_leaves_nothing(tmp_path, corpus, monkeypatch, capsys):
@@ -189,6 +228,36 @@ def test_failed_write_leaves_nothing(tmp_path, corpus, monkeypatch, capsys):
     rc, out, tok = build(tmp_path, corpus[0], "run")
     assert rc == 1 and "No space left" in capsys.readouterr().err
     assert calls and not out.exists() and not tok.exists() and not list(tmp_path.rglob("*.tmp*"))
+
+
+@pytest.mark.parametrize("stage", ["writing shards", "moving shards in"])
+def test_failed_rebuild_keeps_the_previous_output(tmp_path, corpus, monkeypatch, capsys, stage):
+    rc, out, tok = build(tmp_path, corpus[0], "run")
+    assert rc == 0
+    before = {p: p.read_bytes() for p in [tok, *out.iterdir()]}
+    real_write, real_replace = builder.write_shard, os.replace
+
+    def failing_write(path: Path, tokens: np.ndarray) -> None:
+        if stage == "writing shards" and path.name == "fineweb_val_000000.bin":
+            raise OSError(f"{path}: No space left on device")
+        real_write(path, tokens)
+
+    def failing_replace(src, dst) -> None:
+        if stage == "moving shards in" and Path(dst).parent == out and Path(dst).name.startswith("fineweb_"):
+            raise OSError(f"{dst}: Permission denied")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(builder, "write_shard", failing_write)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    # A different vocab and shard size: a new tokenizer and a different set of shards.
+    rc = build(tmp_path, corpus[0], "run", "--vocab-size", "280", "--shard-tokens", "700")[0]
+    assert rc == 1 and ("No space left" if stage == "writing shards" else "Permission denied") in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in [tok, *out.iterdir()] if p.name != builder.MARKER} == {
+        p: b for p, b in before.items() if p.name != builder.MARKER}
+    assert not list(tmp_path.rglob("*.tmp*"))
+    monkeypatch.undo()
+    assert build(tmp_path, corpus[0], "run", "--vocab-size", "280", "--shard-tokens", "700")[0] == 0  # still ours
+    assert spm.SentencePieceProcessor(model_file=str(tok)).vocab_size() == 280
 
 
 def test_python_docs_are_deterministic_and_quiet(capfd):
@@ -268,27 +337,67 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, corpus, caps
 # -----------------------------------------------------------------------------
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves server.root; honours `Range: bytes=N-` like Hugging Face's CDN; records requests."""
+    """Serves server.root like Hugging Face: a strong ETag (the content's SHA-256) and `Range: bytes=N-`,
+    honoured unless If-Range names another ETag; records each request's path, Range and If-Range.
+    With server.redirect, a path first redirects to /cdn/<path> with X-Linked-Etag (the SHA-256, or
+    server.published[path]) and X-Linked-Size, and /cdn/ answers with an MD5 ETag, as the CDN does.
+    server.faults[path] lists answers for its next requests: (status, Retry-After or None), or
+    ("cut", n, framing): the body stops at byte n of the file and the connection closes, the body
+    framed by Content-Length ("length"), by the close ("close") or in chunks ("chunked")."""
 
     def do_GET(self) -> None:
         self.server.requests.append((self.path, self.headers.get("Range")))
-        path = self.server.root / self.path.lstrip("/")
+        self.server.if_ranges.append(self.headers.get("If-Range"))
+        faults = self.server.faults.get(self.path)
+        fault = faults.pop(0) if faults else None
+        if fault and fault[0] != "cut":
+            self.send_response(fault[0])
+            if fault[1] is not None:
+                self.send_header("Retry-After", fault[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        cdn = self.path.startswith("/cdn/")
+        path = self.server.root / self.path.removeprefix("/cdn").lstrip("/")
         if not path.is_file():
             self.send_error(404)
             return
         data = path.read_bytes()
-        start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers["Range"] else 0
+        etag = f'"{hashlib.sha256(data).hexdigest()}"'
+        if self.server.redirect and not cdn:
+            self.send_response(302)
+            self.send_header("Location", "/cdn" + self.path)
+            self.send_header("X-Linked-Etag", self.server.published.get(self.path, etag))
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if cdn:
+            etag = f'"{hashlib.md5(data).hexdigest()}"'
+        ranged = self.headers["Range"] and self.headers.get("If-Range", etag) == etag
+        start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if ranged else 0
         if start >= len(data) > 0:
             self.send_response(416)
             self.send_header("Content-Range", f"bytes */{len(data)}")
             self.end_headers()
             return
+        _, stop, framing = fault or ("cut", len(data), "length")
+        if framing == "chunked":
+            self.protocol_version = "HTTP/1.1"
         self.send_response(206 if start else 200)
+        self.send_header("ETag", etag)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
+        if framing == "length":
+            self.send_header("Content-Length", str(len(data) - start))
+        elif framing == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data[start:])
+        body = data[start:max(start, stop)]
+        if framing == "chunked":  # one chunk announced whole
+            body = f"{len(data) - start:x}\r\n".encode() + body + (b"\r\n0\r\n\r\n" if stop >= len(data) else b"")
+        self.wfile.write(body)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -316,10 +425,12 @@ def remote(tmp_path, monkeypatch):
     (root / "tokenizers" / "fineweb_1024_bpe.vocab").write_bytes(rng.bytes(300))
     (root / "manifest.json").write_text(json.dumps(MANIFEST))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    server.root, server.requests = root, []
+    server.root, server.requests, server.if_ranges, server.faults = root, [], [], {}
+    server.redirect, server.published, server.waits = False, {}, []
+    monkeypatch.setattr(downloader, "sleep", server.waits.append)  # retries record their pauses instead
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/", root, server.requests
+    yield f"http://127.0.0.1:{server.server_address[1]}/", root, server.requests, server
     server.shutdown()
     server.server_close()
 
@@ -333,7 +444,7 @@ WANTED = ["manifest.json", f"{DATASET}/fineweb_val_000000.bin", f"{DATASET}/fine
 
 
 def test_download_then_skip_complete_files(tmp_path, remote, capsys):
-    url, root, requests = remote
+    url, root, requests, _ = remote
     out = tmp_path / "data"
     assert fetch(url, out) == 0
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(WANTED)
@@ -352,19 +463,131 @@ def test_download_then_skip_complete_files(tmp_path, remote, capsys):
     assert requests == [("/" + WANTED[1], None)] and val.read_bytes() == (root / WANTED[1]).read_bytes()
 
 
-def test_partial_download_resumes_with_a_range_request(tmp_path, remote):
-    url, root, requests = remote
+@pytest.mark.parametrize("remote_file", ["unchanged", "changed"])
+def test_resume_is_conditional_on_the_same_remote_file(tmp_path, remote, capsys, remote_file):
+    url, root, requests, server = remote
     out, rel = tmp_path / "data", f"{DATASET}/fineweb_train_000001.bin"
-    full = (root / rel).read_bytes()
-    (out / DATASET).mkdir(parents=True)
-    (out / (rel + ".part")).write_bytes(full[:2500])
+    server.faults["/" + rel] = [("cut", 2500, "length")] * 9  # every attempt breaks off at byte 2500
+    assert fetch(url, out) == 1
+    assert "rerun to resume from fineweb_train_000001.bin.part" in capsys.readouterr().err
+    part, full = out / (rel + ".part"), (root / rel).read_bytes()
+    assert part.read_bytes() == full[:2500]
+    if remote_file == "changed":  # same size, other tokens: a spliced file would pass the shard check
+        write_shard(root / rel, np.arange(3000, dtype=np.uint16))
+    requests.clear(), server.if_ranges.clear(), server.faults.clear()
     assert fetch(url, out) == 0
-    assert ("/" + rel, "bytes=2500-") in requests
-    assert (out / rel).read_bytes() == full and not list(out.rglob("*.part"))
+    assert [r for r in requests if r[0] == "/" + rel] == [("/" + rel, "bytes=2500-")]
+    assert set(server.if_ranges) == {None, f'"{hashlib.sha256(full).hexdigest()}"'}  # the first response's ETag
+    assert (out / rel).read_bytes() == (root / rel).read_bytes() and not list(out.rglob("*.part*"))
+    if remote_file == "changed":
+        assert "the remote file changed" in capsys.readouterr().out
+
+
+def test_part_without_a_record_of_its_source_starts_over(tmp_path, remote):
+    url, root, requests, _ = remote
+    out, rel = tmp_path / "data", f"{DATASET}/fineweb_train_000001.bin"
+    (out / DATASET).mkdir(parents=True)
+    (out / (rel + ".part")).write_bytes(b"\0" * 2500)  # nothing says which remote file this began
+    assert fetch(url, out) == 0
+    assert ("/" + rel, None) in requests and (out / rel).read_bytes() == (root / rel).read_bytes()
+
+
+@pytest.mark.parametrize("part", ["intact", "damaged"])
+def test_complete_part_is_verified_not_fetched_again(tmp_path, remote, monkeypatch, capsys, part):
+    url, root, requests, _ = remote
+    out, rel = tmp_path / "data", f"{DATASET}/fineweb_train_000001.bin"
+    real_replace = os.replace
+
+    def interrupted(src, dst) -> None:  # killed between the last byte and the rename
+        if Path(dst) == out / rel:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    assert fetch(url, out) == 130
+    monkeypatch.undo()
+    downloaded = out / (rel + ".part")
+    assert downloaded.read_bytes() == (root / rel).read_bytes()
+    if part == "damaged":
+        raw = bytearray(downloaded.read_bytes())
+        raw[5000] ^= 1  # the header and size still pass
+        downloaded.write_bytes(bytes(raw))
+    requests.clear()
+    capsys.readouterr()
+    assert fetch(url, out) == (0 if part == "intact" else 1)
+    assert ("/" + rel, None) not in requests and not [r for r in requests if r[1]]
+    if part == "intact":
+        assert (out / rel).read_bytes() == (root / rel).read_bytes() and not list(out.rglob("*.part*"))
+    else:
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "fineweb_train_000001.bin is corrupt" in lines[0] and "SHA-256" in lines[0]
+        assert not (out / rel).exists() and not list(out.rglob("*.part*"))
+
+
+def test_content_is_checked_against_the_sha256_on_the_redirect(tmp_path, remote, capsys):
+    url, root, requests, server = remote
+    server.redirect = True  # as Hugging Face: the hash is on the redirect, the CDN's ETag is an MD5
+    rel = "tokenizers/fineweb_1024_bpe.model"
+    server.published["/" + rel] = f'"{hashlib.sha256(b"another file").hexdigest()}"'
+    out = tmp_path / "data"
+    assert fetch(url, out) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "fineweb_1024_bpe.model is corrupt" in lines[0] and "SHA-256" in lines[0], lines
+    assert not (out / rel).exists() and not list(out.rglob("*.part*"))
+    assert ("/cdn/" + rel, None) in requests
+    server.published.clear()
+    assert fetch(url, out) == 0
+    assert all((out / rel).read_bytes() == (root / rel).read_bytes() for rel in WANTED)
+
+
+@pytest.mark.parametrize("framing", ["close", "chunked"])
+def test_body_without_content_length_cut_short_is_caught(tmp_path, remote, capsys, framing):
+    url, root, requests, server = remote
+    out, rel = tmp_path / "data", "tokenizers/fineweb_1024_bpe.model"
+    server.faults["/" + rel] = [("cut", 3000, framing)] * 9
+    assert fetch(url, out) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "fineweb_1024_bpe.model" in lines[0], lines
+    if framing == "close":  # a clean close ends such a body: the published SHA-256 shows it is short
+        assert "is corrupt" in lines[0] and "SHA-256" in lines[0] and not list(out.rglob("*.part*"))
+    else:  # the chunk stops short: an error in the transfer itself, retried, then left for a rerun
+        assert "IncompleteRead" in lines[0] and "rerun to resume" in lines[0]
+        assert len(server.waits) == downloader.ATTEMPTS - 1
+    assert not (out / rel).exists()
+    server.faults.clear()
+    assert fetch(url, out) == 0 and (out / rel).read_bytes() == (root / rel).read_bytes()
+
+
+def test_busy_server_is_retried_honouring_retry_after(tmp_path, remote, monkeypatch):
+    url, root, requests, server = remote
+    monkeypatch.setattr(downloader, "MAX_RETRY_WAIT_S", 30)
+    in_20s = email.utils.formatdate(time.time() + 20, usegmt=True)
+    server.faults["/manifest.json"] = [(429, "7"), (503, "100000"), (429, in_20s), (502, None)]
+    assert fetch(url, tmp_path / "data") == 0
+    assert [path for path, _ in requests[:5]] == ["/manifest.json"] * 5
+    waits = server.waits
+    assert waits[:2] == [7, 30] and 18 < waits[2] <= 20 and waits[3] == 2 ** 4  # capped; then backoff
+    assert (tmp_path / "data" / "manifest.json").read_bytes() == (root / "manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("setting, value", [("--base-url", "example.com/data"), ("--base-url", "ftp://example.com/x"),
+                                            ("--base-url", "http://example.com:port/"),
+                                            (downloader.BASE_URL_ENV, "huggingface.co/datasets/x"),
+                                            (downloader.BASE_URL_ENV, "")])
+def test_base_url_must_be_an_http_url(tmp_path, monkeypatch, capsys, setting, value):
+    out = tmp_path / "data"
+    argv = ["--output-dir", str(out)]
+    if setting == "--base-url":
+        argv += ["--base-url", value]
+    else:
+        monkeypatch.setenv(setting, value)
+    assert downloader.main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {setting} {value!r}: not a valid http") and not out.exists()
 
 
 def test_corrupt_remote_shard_is_deleted_and_named(tmp_path, remote, capsys):
-    url, root, _ = remote
+    url, root, _, _ = remote
     rel = f"{DATASET}/fineweb_train_000001.bin"
     (root / rel).write_bytes(corrupt(bytearray((root / rel).read_bytes()), "magic"))
     out = tmp_path / "data"
@@ -379,15 +602,21 @@ DOWNLOAD_ERRORS = {
     "too many shards": (["--train-shards", "4"], "--train-shards 4: must be 0..3"),
     "unpublished variant": (["--variant", "sp4096"], "fineweb10B_sp4096 is not in manifest.json"),
     "missing remote file": ([], "fineweb_1024_bpe.vocab: HTTP 404"),
+    "busy server": ([], "fineweb_1024_bpe.vocab: HTTP 429"),
+    "output folder is a file": ([], "File exists"),
 }
 
 
 @pytest.mark.parametrize("case", list(DOWNLOAD_ERRORS))
 def test_download_errors_are_one_clear_line(tmp_path, remote, capsys, case):
-    url, root, _ = remote
+    url, root, _, server = remote
     extra, needle = DOWNLOAD_ERRORS[case]
     if case == "missing remote file":
         (root / "tokenizers" / "fineweb_1024_bpe.vocab").unlink()
+    if case == "busy server":
+        server.faults["/tokenizers/fineweb_1024_bpe.vocab"] = [(429, "1")] * downloader.ATTEMPTS
+    if case == "output folder is a file":
+        (tmp_path / "data").write_text("")
     assert fetch(url, tmp_path / "data", *extra) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
