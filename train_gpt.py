@@ -14,6 +14,7 @@ launches the file `records/submission.py pack` writes: a run counts the bytes of
 from __future__ import annotations
 
 import copy
+import difflib
 import glob
 import hashlib
 import io
@@ -59,39 +60,39 @@ class Hyperparameters:
         self.data_path = self._get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         self.tokenizer_path = self._get("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
         self.run_id = self._get("RUN_ID", str(uuid.uuid4()))
-        self.seed = self._get("SEED", 1337)
+        self.seed = self._get("SEED", 1337, "[0,4294967296)")
 
         # Validation cadence and batch size. Validation always uses the full fineweb_val split.
-        self.val_batch_size = self._get("VAL_BATCH_SIZE", 524_288)
-        self.val_loss_every = self._get("VAL_LOSS_EVERY", 1000)
-        self.train_log_every = self._get("TRAIN_LOG_EVERY", 200)
+        self.val_batch_size = self._get("VAL_BATCH_SIZE", 524_288, "[1,)")
+        self.val_loss_every = self._get("VAL_LOSS_EVERY", 1000, "[0,)")
+        self.train_log_every = self._get("TRAIN_LOG_EVERY", 200, "[0,)")
 
         # Training length.
-        self.iterations = self._get("ITERATIONS", 20000)
-        self.warmdown_iters = self._get("WARMDOWN_ITERS", 1200)
+        self.iterations = self._get("ITERATIONS", 20000, "[0,)")
+        self.warmdown_iters = self._get("WARMDOWN_ITERS", 1200, "[0,)")
         # Step-based warmdown (PR #470), independent of the wallclock: linear from
         # WARMDOWN_START_STEP, or from the last WARMDOWN_FRAC of ITERATIONS, to 0 at ITERATIONS.
         # Either replaces WARMDOWN_ITERS. MIN_LR_FRAC floors the LR multiplier of any schedule.
-        self.warmdown_start_step = self._get("WARMDOWN_START_STEP", 0)
-        self.warmdown_frac = self._get("WARMDOWN_FRAC", 0.0)
-        self.min_lr_frac = self._get("MIN_LR_FRAC", 0.0)
-        self.warmup_steps = self._get("WARMUP_STEPS", 20)
-        self.train_batch_tokens = self._get("TRAIN_BATCH_TOKENS", 524_288)
-        self.train_seq_len = self._get("TRAIN_SEQ_LEN", 1024)
-        self.max_wallclock_seconds = self._get("MAX_WALLCLOCK_SECONDS", 600.0)
+        self.warmdown_start_step = self._get("WARMDOWN_START_STEP", 0, "[0,)")
+        self.warmdown_frac = self._get("WARMDOWN_FRAC", 0.0, "[0,1)")
+        self.min_lr_frac = self._get("MIN_LR_FRAC", 0.0, "[0,1)")
+        self.warmup_steps = self._get("WARMUP_STEPS", 20, "[0,)")
+        self.train_batch_tokens = self._get("TRAIN_BATCH_TOKENS", 524_288, "[1,)")
+        self.train_seq_len = self._get("TRAIN_SEQ_LEN", 1024, "[1,)")
+        self.max_wallclock_seconds = self._get("MAX_WALLCLOCK_SECONDS", 600.0, "[0,)")
 
         # Model shape.
-        self.vocab_size = self._get("VOCAB_SIZE", 1024)
-        self.model_dim = self._get("MODEL_DIM", 640)
-        self.num_heads = self._get("NUM_HEADS", 16)
-        self.num_kv_heads = self._get("NUM_KV_HEADS", 8)
-        self.mlp_mult = self._get("MLP_MULT", 5.0)
-        self.mlp_layers = self._get("MLP_LAYERS", 3)
-        self.attn_per_block = self._get("ATTN_PER_BLOCK", 2)
+        self.vocab_size = self._get("VOCAB_SIZE", 1024, "[2,65536]")
+        self.model_dim = self._get("MODEL_DIM", 640, "[1,)")
+        self.num_heads = self._get("NUM_HEADS", 16, "[1,)")
+        self.num_kv_heads = self._get("NUM_KV_HEADS", 8, "[1,)")
+        self.mlp_mult = self._get("MLP_MULT", 5.0, "(0,)")
+        self.mlp_layers = self._get("MLP_LAYERS", 3, "[2,)")
+        self.attn_per_block = self._get("ATTN_PER_BLOCK", 2, "[1,)")
         self.norm_bias = self._get("NORM_BIAS", True)
         self.tie_embeddings = self._get("TIE_EMBEDDINGS", False)
-        self.rope_base = self._get("ROPE_BASE", 10000.0)
-        self.logit_softcap = self._get("LOGIT_SOFTCAP", 30.0)
+        self.rope_base = self._get("ROPE_BASE", 10000.0, "(0,)")
+        self.logit_softcap = self._get("LOGIT_SOFTCAP", 30.0, "(0,)")
         self.qk_gain_init = self._get("QK_GAIN_INIT", 1.5)
         # "step:depth,..." -- depth of the shared core from each step on.
         self.num_layer_schedule = self._get("NUM_LAYER_SCHEDULE", "0:2,2000:6")
@@ -99,13 +100,13 @@ class Hyperparameters:
         # the core's passes, then NUM_TAIL_BLOCKS. 0 and 0 is PR #1088; 4, "0:1" and 4 (one
         # attention, MLP x2, no norm biases, U-Net skips, tied embeddings, width 512) is the
         # challenge's 9-layer baseline.
-        self.num_stem_blocks = self._get("NUM_STEM_BLOCKS", 0)
-        self.num_tail_blocks = self._get("NUM_TAIL_BLOCKS", 0)
+        self.num_stem_blocks = self._get("NUM_STEM_BLOCKS", 0, "[0,)")
+        self.num_tail_blocks = self._get("NUM_TAIL_BLOCKS", 0, "[0,)")
         # U-Net across the stack (PR #470): its first half stores its outputs, the second half adds
         # them back in reverse order, times learned skip weights. UNET_WEIGHTS=2 gives the core's
         # passes in each half their own shared block.
         self.unet_skips = self._get("UNET_SKIPS", False)
-        self.unet_weights = self._get("UNET_WEIGHTS", 1)
+        self.unet_weights = self._get("UNET_WEIGHTS", 1, "[1,2]")
         # DEQ (PR #1783): after DEQ_WARMUP_STEPS of unrolled passes of one map z -> f(z, x) (the
         # shared block with depth 0's controls), its fixed point is solved without gradients by
         # Anderson acceleration mixing each token's own history (ANDERSON_M iterates, ridge
@@ -113,66 +114,66 @@ class Hyperparameters:
         # iterations, and PHANTOM_STEPS damped steps z <- (1 - PHANTOM_LAMBDA) z + PHANTOM_LAMBDA f(z)
         # carry the gradient. DEQ_TOL > 0 stops a training solve early (needs TORCH_COMPILE=0).
         self.deq = self._get("DEQ", False)
-        self.deq_warmup_steps = self._get("DEQ_WARMUP_STEPS", 200)
-        self.deq_iters = self._get("DEQ_ITERS", 8)
-        self.eval_deq_iters = self._get("EVAL_DEQ_ITERS", 16)
-        self.deq_tol = self._get("DEQ_TOL", 0.0)
-        self.anderson_m = self._get("ANDERSON_M", 5)
-        self.anderson_lambda = self._get("ANDERSON_LAMBDA", 1e-4)
-        self.anderson_beta = self._get("ANDERSON_BETA", 1.0)
-        self.phantom_steps = self._get("PHANTOM_STEPS", 4)
-        self.phantom_lambda = self._get("PHANTOM_LAMBDA", 0.8)
+        self.deq_warmup_steps = self._get("DEQ_WARMUP_STEPS", 200, "[0,)")
+        self.deq_iters = self._get("DEQ_ITERS", 8, "[2,)")
+        self.eval_deq_iters = self._get("EVAL_DEQ_ITERS", 16, "[2,)")
+        self.deq_tol = self._get("DEQ_TOL", 0.0, "[0,)")
+        self.anderson_m = self._get("ANDERSON_M", 5, "[1,)")
+        self.anderson_lambda = self._get("ANDERSON_LAMBDA", 1e-4, "[0,)")
+        self.anderson_beta = self._get("ANDERSON_BETA", 1.0, "(0,1]")
+        self.phantom_steps = self._get("PHANTOM_STEPS", 4, "[1,)")
+        self.phantom_lambda = self._get("PHANTOM_LAMBDA", 0.8, "(0,1]")
         # Mixture-of-Depths: every MOD_EVERY-th pass is routed. In training a per-depth router
         # picks the top MOD_CAPACITY of each sequence's tokens (0 = off), which pass through the
         # block in position order, their update scaled by sigmoid(router); the rest skip it. A
         # BCE loss (MOD_AUX_WEIGHT, added to the training loss) teaches the causal rule that
         # evaluation uses: a token is processed when its sigmoid(router) > 0.5.
-        self.mod_capacity = self._get("MOD_CAPACITY", 0.0)
-        self.mod_every = self._get("MOD_EVERY", 2)
-        self.mod_aux_weight = self._get("MOD_AUX_WEIGHT", 0.01)
+        self.mod_capacity = self._get("MOD_CAPACITY", 0.0, "[0,1]")
+        self.mod_every = self._get("MOD_EVERY", 2, "[1,)")
+        self.mod_aux_weight = self._get("MOD_AUX_WEIGHT", 0.01, "[0,)")
         # Seed-LoRA (PR #1783): with SEED_LORA_RANK > 0, the shared block's SEED_LORA_TARGETS
         # matrices (mlp, attn or all) are frozen random sign maps regenerated from integer seeds
         # plus trained rank-SEED_LORA_RANK adapters; only adapters, seeds and checksums are stored.
-        self.seed_lora_rank = self._get("SEED_LORA_RANK", 0)
+        self.seed_lora_rank = self._get("SEED_LORA_RANK", 0, "[0,)")
         self.seed_lora_targets = self._get("SEED_LORA_TARGETS", "mlp")
         # Hash n-gram embeddings: (previous, current) and (two back, previous, current) input
         # tokens hashed into tables of HASH_EMBED_DIM, projected and added to the token embedding.
-        self.bigram_table_size = self._get("BIGRAM_TABLE_SIZE", 0)
-        self.trigram_table_size = self._get("TRIGRAM_TABLE_SIZE", 0)
-        self.hash_embed_dim = self._get("HASH_EMBED_DIM", 128)
+        self.bigram_table_size = self._get("BIGRAM_TABLE_SIZE", 0, "[0,)")
+        self.trigram_table_size = self._get("TRIGRAM_TABLE_SIZE", 0, "[0,)")
+        self.hash_embed_dim = self._get("HASH_EMBED_DIM", 128, "[1,)")
 
         # Optimizer.
-        self.embed_lr = self._get("EMBED_LR", 0.6)
-        self.head_lr = self._get("HEAD_LR", 0.008)
-        self.tied_embed_lr = self._get("TIED_EMBED_LR", 0.05)
-        self.tied_embed_init_std = self._get("TIED_EMBED_INIT_STD", 0.005)
-        self.matrix_lr = self._get("MATRIX_LR", 0.04)
-        self.scalar_lr = self._get("SCALAR_LR", 0.04)
-        self.muon_momentum = self._get("MUON_MOMENTUM", 0.95)
-        self.muon_backend_steps = self._get("MUON_BACKEND_STEPS", 5)
-        self.muon_momentum_warmup_start = self._get("MUON_MOMENTUM_WARMUP_START", 0.85)
-        self.muon_momentum_warmup_steps = self._get("MUON_MOMENTUM_WARMUP_STEPS", 500)
-        self.beta1 = self._get("BETA1", 0.9)
-        self.beta2 = self._get("BETA2", 0.95)
-        self.adam_eps = self._get("ADAM_EPS", 1e-8)
-        self.grad_clip_norm = self._get("GRAD_CLIP_NORM", 0.0)
+        self.embed_lr = self._get("EMBED_LR", 0.6, "[0,)")
+        self.head_lr = self._get("HEAD_LR", 0.008, "[0,)")
+        self.tied_embed_lr = self._get("TIED_EMBED_LR", 0.05, "[0,)")
+        self.tied_embed_init_std = self._get("TIED_EMBED_INIT_STD", 0.005, "[0,)")
+        self.matrix_lr = self._get("MATRIX_LR", 0.04, "[0,)")
+        self.scalar_lr = self._get("SCALAR_LR", 0.04, "[0,)")
+        self.muon_momentum = self._get("MUON_MOMENTUM", 0.95, "[0,1)")
+        self.muon_backend_steps = self._get("MUON_BACKEND_STEPS", 5, "[1,)")
+        self.muon_momentum_warmup_start = self._get("MUON_MOMENTUM_WARMUP_START", 0.85, "[0,1)")
+        self.muon_momentum_warmup_steps = self._get("MUON_MOMENTUM_WARMUP_STEPS", 500, "[0,)")
+        self.beta1 = self._get("BETA1", 0.9, "[0,1)")
+        self.beta2 = self._get("BETA2", 0.95, "[0,1)")
+        self.adam_eps = self._get("ADAM_EPS", 1e-8, "[0,)")
+        self.grad_clip_norm = self._get("GRAD_CLIP_NORM", 0.0, "[0,)")
 
         # Final evaluation, all score-first. Sliding windows of EVAL_SEQ_LEN tokens every EVAL_STRIDE
         # (0 = off) score only their last EVAL_STRIDE positions. Test-time training (TTT) scores each
         # TTT_CHUNK_TOKENS chunk of the stream that way, then adapts on it: rank-TTT_RANK LoRA on the
         # shared attention's q/v and the head with Adam (lora), or every weight with SGD (full); with
         # TTT_RESET=doc each document starts from the artifact again, TTT_BATCH_DOCS side by side.
-        self.eval_seq_len = self._get("EVAL_SEQ_LEN", self.train_seq_len)
-        self.eval_stride = self._get("EVAL_STRIDE", min(64, self.eval_seq_len))
-        self.eval_batch_seqs = self._get("EVAL_BATCH_SEQS", 32)
+        self.eval_seq_len = self._get("EVAL_SEQ_LEN", self.train_seq_len, "[1,)")
+        self.eval_stride = self._get("EVAL_STRIDE", min(64, self.eval_seq_len), "[0,)")
+        self.eval_batch_seqs = self._get("EVAL_BATCH_SEQS", 32, "[1,)")
         self.ttt_enabled = self._get("TTT_ENABLED", False)
         self.ttt_mode = self._get("TTT_MODE", "lora")
         self.ttt_reset = self._get("TTT_RESET", "doc")
-        self.ttt_rank = self._get("TTT_RANK", 8)
-        self.ttt_lr = self._get("TTT_LR", 0.01)
-        self.ttt_steps = self._get("TTT_STEPS", 1)
-        self.ttt_chunk_tokens = self._get("TTT_CHUNK_TOKENS", 256)
-        self.ttt_batch_docs = self._get("TTT_BATCH_DOCS", 64)
+        self.ttt_rank = self._get("TTT_RANK", 8, "[1,)")
+        self.ttt_lr = self._get("TTT_LR", 0.01, "[0,)")
+        self.ttt_steps = self._get("TTT_STEPS", 1, "[1,)")
+        self.ttt_chunk_tokens = self._get("TTT_CHUNK_TOKENS", 256, "[1,)")
+        self.ttt_batch_docs = self._get("TTT_BATCH_DOCS", 64, "[1,)")
 
         # Export and QAT. Matrices become QUANT_BITS-bit codes (8, 7, 6 or 5) with one fp16 step per
         # row, clipped at the baseline's percentile of |w| or, with MATRIX_CLIP_SIGMAS > 0, at that
@@ -184,13 +185,13 @@ class Hyperparameters:
         # (ste). EMA_DECAY > 0 exports an exponential moving average of the weights.
         self.quant_bits = self._get("QUANT_BITS", 8)
         self.embed_bits = self._get("EMBED_BITS", 8)
-        self.matrix_clip_sigmas = self._get("MATRIX_CLIP_SIGMAS", 0.0)
-        self.embed_clip_sigmas = self._get("EMBED_CLIP_SIGMAS", 0.0)
+        self.matrix_clip_sigmas = self._get("MATRIX_CLIP_SIGMAS", 0.0, "[0,)")
+        self.embed_clip_sigmas = self._get("EMBED_CLIP_SIGMAS", 0.0, "[0,)")
         self.compressor = self._get("COMPRESSOR", "zlib")
         self.noisy_qat = self._get("NOISY_QAT", True)
         self.qat_mode = self._get("QAT_MODE", "noise")
-        self.qat_start_frac = self._get("QAT_START_FRAC", 0.0)
-        self.ema_decay = self._get("EMA_DECAY", 0.0)
+        self.qat_start_frac = self._get("QAT_START_FRAC", 0.0, "[0,1)")
+        self.ema_decay = self._get("EMA_DECAY", 0.0, "[0,1)")
         # The size estimate (code + weights, as trained to record length) is made before training;
         # a run estimated over the cap by more than the estimate's error is refused (refuse) unless
         # SIZE_CHECK=warn. Either way the artifact is written and scored at the end.
@@ -198,8 +199,8 @@ class Hyperparameters:
 
         # Checkpoints: every CHECKPOINT_EVERY steps (0 = never) to checkpoints/{RUN_ID}/step{N}.pt,
         # the last CHECKPOINT_KEEP kept. RESUME_FROM: a checkpoint path, or "latest" of this RUN_ID.
-        self.checkpoint_every = self._get("CHECKPOINT_EVERY", 0)
-        self.checkpoint_keep = self._get("CHECKPOINT_KEEP", 2)
+        self.checkpoint_every = self._get("CHECKPOINT_EVERY", 0, "[0,)")
+        self.checkpoint_keep = self._get("CHECKPOINT_KEEP", 2, "[1,)")
         self.resume_from = self._get("RESUME_FROM", "")
 
         # System. AUTOCAST=bf16 forces CUDA's numerics (bf16 autocast, bf16 embedding) on a CPU; auto
@@ -208,15 +209,28 @@ class Hyperparameters:
         self.autocast = self._get("AUTOCAST", "auto")
         del self._env
 
-    def _get(self, name: str, default):
+    def _get(self, name: str, default, bounds: str = ""):
+        """`name` cast to the type of `default` (a boolean is 0 or 1, a float finite) and, with
+        `bounds` (an interval such as "[0,1)", or "[1,)" with no upper end), checked to lie in it."""
         raw = self._env.get(name)
         if raw is None:
             return default
-        cast = (lambda s: bool(int(s))) if isinstance(default, bool) else type(default)
+        kind = "0 or 1" if isinstance(default, bool) else type(default).__name__
         try:
-            return cast(raw)
+            if isinstance(default, bool) and raw not in ("0", "1"):
+                raise ValueError
+            value = raw == "1" if isinstance(default, bool) else type(default)(raw)
         except ValueError:
-            raise RunError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
+            raise RunError(f"{name}={raw!r} is not a valid {kind}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RunError(f"{name}={raw!r} is not a finite number")
+        if bounds:
+            low, high = bounds[1:-1].split(",")
+            if (float(low) > value or bounds[0] == "(" and float(low) == value
+                    or high and (value > float(high) or bounds[-1] == ")" and value == float(high))):
+                range_ = f"in {bounds}" if high else f"{'at least' if bounds[0] == '[' else 'above'} {low}"
+                raise RunError(f"{name}={raw} must be {range_}")
+        return value
 
     @property
     def train_files(self) -> str:
@@ -256,24 +270,11 @@ class Hyperparameters:
         if device_type == "cuda" and (head_dim % 8 or head_dim > 256):
             raise RunError(f"head dim MODEL_DIM/NUM_HEADS={head_dim}: flash attention, the only SDPA kernel enabled "
                            "on CUDA, needs a multiple of 8 of at most 256")
-        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
+            raise RunError(f"RUN_ID={self.run_id!r} names the run's files: use at most 128 letters, digits, '.', '_' "
+                           "and '-', starting with a letter or digit")
+        if self.num_heads % self.num_kv_heads:
             raise RunError(f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        for name, value, low in (("MLP_LAYERS", self.mlp_layers, 2), ("ATTN_PER_BLOCK", self.attn_per_block, 1),
-                                 ("TRAIN_SEQ_LEN", self.train_seq_len, 1), ("VOCAB_SIZE", self.vocab_size, 2),
-                                 ("EVAL_STRIDE", self.eval_stride, 0), ("EVAL_SEQ_LEN", self.eval_seq_len, 1),
-                                 ("EVAL_BATCH_SEQS", self.eval_batch_seqs, 1), ("TTT_RANK", self.ttt_rank, 1),
-                                 ("TTT_STEPS", self.ttt_steps, 1), ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens, 1),
-                                 ("TTT_BATCH_DOCS", self.ttt_batch_docs, 1), ("WARMDOWN_START_STEP", self.warmdown_start_step, 0),
-                                 ("UNET_WEIGHTS", self.unet_weights, 1), ("BIGRAM_TABLE_SIZE", self.bigram_table_size, 0),
-                                 ("TRIGRAM_TABLE_SIZE", self.trigram_table_size, 0), ("HASH_EMBED_DIM", self.hash_embed_dim, 1),
-                                 ("CHECKPOINT_EVERY", self.checkpoint_every, 0), ("CHECKPOINT_KEEP", self.checkpoint_keep, 1),
-                                 ("DEQ_WARMUP_STEPS", self.deq_warmup_steps, 0), ("DEQ_ITERS", self.deq_iters, 2),
-                                 ("EVAL_DEQ_ITERS", self.eval_deq_iters, 2), ("ANDERSON_M", self.anderson_m, 1),
-                                 ("PHANTOM_STEPS", self.phantom_steps, 1), ("MOD_EVERY", self.mod_every, 1),
-                                 ("SEED_LORA_RANK", self.seed_lora_rank, 0), ("NUM_STEM_BLOCKS", self.num_stem_blocks, 0),
-                                 ("NUM_TAIL_BLOCKS", self.num_tail_blocks, 0)):
-            if value < low:
-                raise RunError(f"{name}={value} must be at least {low}")
         if int(self.mlp_mult * self.model_dim) < 1:
             raise RunError(f"MLP_MULT={self.mlp_mult} gives an empty MLP")
         if self.eval_stride > self.eval_seq_len:
@@ -291,16 +292,14 @@ class Hyperparameters:
                            "compiled graph cannot do: set TORCH_COMPILE=0 or DEQ_TOL=0")
         if self.deq and (self.unet_skips or self.mod_capacity):
             raise RunError("DEQ=1 iterates one map to its fixed point: it does not combine with UNET_SKIPS or MOD_CAPACITY")
-        if not 0.0 < self.phantom_lambda <= 1.0 or not 0.0 < self.anderson_beta <= 1.0:
-            raise RunError(f"PHANTOM_LAMBDA={self.phantom_lambda} and ANDERSON_BETA={self.anderson_beta} must be in (0, 1]")
-        if not 0.0 <= self.mod_capacity <= 1.0 or int(self.mod_capacity * self.train_seq_len) < 1 and self.mod_capacity:
-            raise RunError(f"MOD_CAPACITY={self.mod_capacity} must be in (0, 1] and route at least one token of TRAIN_SEQ_LEN")
+        if self.mod_capacity and int(self.mod_capacity * self.train_seq_len) < 1:
+            raise RunError(f"MOD_CAPACITY={self.mod_capacity} must route at least one token of TRAIN_SEQ_LEN")
         if self.warmdown_start_step and self.warmdown_frac:
             raise RunError("set one of WARMDOWN_START_STEP and WARMDOWN_FRAC, not both")
         if self.warmdown_start_step and self.warmdown_start_step >= self.iterations:
             raise RunError(f"WARMDOWN_START_STEP={self.warmdown_start_step} must be below ITERATIONS={self.iterations}")
-        if self.unet_weights > 2 or self.unet_weights == 2 and not self.unet_skips:
-            raise RunError(f"UNET_WEIGHTS={self.unet_weights}: 1, or 2 with UNET_SKIPS=1")
+        if self.unet_weights == 2 and not self.unet_skips:
+            raise RunError("UNET_WEIGHTS=2 needs UNET_SKIPS=1")
         stem, tail = self.num_stem_blocks, self.num_tail_blocks
         if self.unet_weights == 2 and any(not stem < (stem + d + tail) // 2 < stem + d for _, d in self.layer_schedule):
             raise RunError("UNET_WEIGHTS=2 needs core passes in both halves of the stack at every depth of "
@@ -308,13 +307,6 @@ class Hyperparameters:
         for name, size in (("BIGRAM_TABLE_SIZE", self.bigram_table_size), ("TRIGRAM_TABLE_SIZE", self.trigram_table_size)):
             if size == 1:
                 raise RunError(f"{name}=1: a table needs at least 2 buckets (one is kept for 'no context')")
-        for name, value in (("QAT_START_FRAC", self.qat_start_frac), ("EMA_DECAY", self.ema_decay),
-                            ("WARMDOWN_FRAC", self.warmdown_frac), ("MIN_LR_FRAC", self.min_lr_frac)):
-            if not 0.0 <= value < 1.0:
-                raise RunError(f"{name}={value} must be in [0, 1)")
-        for name, value in (("MATRIX_CLIP_SIGMAS", self.matrix_clip_sigmas), ("EMBED_CLIP_SIGMAS", self.embed_clip_sigmas)):
-            if value < 0:
-                raise RunError(f"{name}={value} must be 0 (percentile clip) or a positive number of standard deviations")
         if self.compressor == "zstd":
             try:
                 import zstandard  # noqa: F401
@@ -322,16 +314,40 @@ class Hyperparameters:
                 raise RunError("COMPRESSOR=zstd needs the zstandard package: pip install zstandard") from None
         if self.ttt_mode == "full" and self.ttt_reset == "doc":
             raise RunError("TTT_MODE=full adapts one copy of the weights, so it needs TTT_RESET=none")
-        if self.logit_softcap <= 0:
-            raise RunError(f"LOGIT_SOFTCAP={self.logit_softcap} must be positive")
         if 8 % world_size and world_size % 8:
             raise RunError(f"WORLD_SIZE={world_size} must divide 8 or be a multiple of 8")
         per_micro_step = world_size * grad_accum_steps(world_size) * self.train_seq_len
-        if self.train_batch_tokens <= 0 or self.train_batch_tokens % per_micro_step:
+        if self.train_batch_tokens % per_micro_step:
             raise RunError(
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} does not split into whole TRAIN_SEQ_LEN="
                 f"{self.train_seq_len} sequences over {world_size} rank(s) x {grad_accum_steps(world_size)} micro-steps"
             )
+
+
+def known_settings() -> set[str]:
+    """Every environment variable Hyperparameters reads."""
+    names: set[str] = set()
+
+    class Recorder(dict):
+        def get(self, key, default=None):
+            names.add(key)
+            return default
+
+    Hyperparameters(Recorder())
+    return names
+
+
+def setting_warnings(env: Mapping[str, str]) -> list[str]:
+    """A warning for each variable that looks like one of ours but is not: close to a known name (a
+    typo), or any name with a prefix that several of ours share (TTT_, DEQ_, EVAL_, ...)."""
+    known = known_settings()
+    prefixes = [p for p in {n.split("_")[0] for n in known} if sum(n.startswith(p + "_") for n in known) > 1]
+    warnings = []
+    for name in sorted(set(env) - known):
+        if difflib.get_close_matches(name, known, n=1, cutoff=0.8) or name.split("_")[0] in prefixes:
+            closest = difflib.get_close_matches(name, known, n=1, cutoff=0.0)[0]
+            warnings.append(f"WARNING: {name} is not a setting of this script and is ignored (closest: {closest})")
+    return warnings
 
 
 def grad_accum_steps(world_size: int) -> int:
@@ -456,11 +472,13 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device: tor
     return ByteLUTs(*(torch.tensor(a, device=device) for a in (base_bytes, has_space, is_boundary)))
 
 
-def load_validation_tokens(pattern: str, seq_len: int) -> Tensor:
+def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tensor:
     # The challenge's validation split is the fixed first 50k documents, written to fineweb_val_*.
     files = sorted(glob.glob(pattern))
     if not files:
         raise RunError(f"DATA_PATH has no validation shards matching {pattern}")
+    for f in files:
+        check_shard_ids(Path(f), vocab_size)
     tokens = torch.cat([load_data_shard(Path(f)) for f in files])
     usable = ((tokens.numel() - 1) // seq_len) * seq_len
     if usable <= 0:
@@ -540,6 +558,9 @@ def loss_and_bpb(sums: Tensor) -> tuple[float, float]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     nats, count, nbytes = sums.tolist()
+    if not math.isfinite(nats):
+        raise RunError(f"the validation loss is {nats / count}: the model diverged or its evaluation overflowed, "
+                       "so there is no score")
     return nats / count, nats / (math.log(2.0) * nbytes)
 
 
@@ -773,9 +794,15 @@ def check_schema(obj: object) -> str | None:
         return f"not a {QUANT_FORMAT} artifact"
     if set(obj) != keys or not all(isinstance(obj[k], dict) for k in keys - {"__quant_format__"}):
         return f"a {QUANT_FORMAT} artifact has exactly the entries {sorted(keys)}"
-    for name, q in obj["quantized"].items():
-        bits, step = obj["bits"].get(name), obj["steps"].get(name)
-        if not (isinstance(q, Tensor) and q.dtype == torch.int8 and q.ndim >= 1 and q.size(-1) > 0 and bits in (5, 6, 7, 8)
+    quantized = obj["quantized"]
+    if obj["steps"].keys() != quantized.keys() or obj["bits"].keys() != quantized.keys():
+        return "steps and bits must name exactly the quantized tensors"
+    for name, q in quantized.items():
+        bits, step = obj["bits"][name], obj["steps"][name]
+        if name not in obj["dtypes"]:
+            return f"{name}: a quantized tensor needs a dtype entry"
+        if not (isinstance(q, Tensor) and q.dtype == torch.int8 and q.ndim >= 1 and q.size(-1) > 0
+                and type(bits) is int and bits in (5, 6, 7, 8)
                 and isinstance(step, Tensor) and step.dtype == torch.float16 and step.shape == (q.numel() // q.size(-1),)):
             return f"{name}: codes, bits and steps do not fit together"
         if q.numel() and (q.min() < -qmax(bits) or q.max() > qmax(bits)):
@@ -788,11 +815,26 @@ def check_schema(obj: object) -> str | None:
     return None
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """`path` holds its old content or all of `data`, even across a crash or a full disk: a hidden
+    temp file beside it is written and fsynced, renamed over it, and the folder fsynced; on any
+    failure the temp file is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def compress(data: bytes, compressor: str) -> bytes:
@@ -804,14 +846,30 @@ def compress(data: bytes, compressor: str) -> bytes:
     return zlib.compress(data, level=9)
 
 
-def decompress(data: bytes) -> bytes:
-    # The compressor is told by its magic bytes, so loading needs no settings.
+MAX_DECOMPRESSED_BYTES = 1 << 30  # far above any artifact under the cap: a crafted file stops here
+
+
+def decompress(data: bytes, limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:
+    """The compressor is told by its magic bytes, so loading needs no settings. Output past `limit`
+    bytes, or a truncated stream, is refused."""
     if data.startswith(b"\x28\xb5\x2f\xfd"):
         import zstandard
-        return zstandard.ZstdDecompressor().decompress(data)
-    if data.startswith(b"\xfd7zXZ\x00"):
-        return lzma.decompress(data)
-    return zlib.decompress(data)
+        d, parts, size = zstandard.ZstdDecompressor().decompressobj(), [], 0
+        for i in range(0, len(data), 1024):  # 1 KiB of input makes at most 32 MiB of output
+            parts.append(d.decompress(data[i : i + 1024]))
+            size += len(parts[-1])
+            if size > limit or d.eof:
+                break
+        out, complete = b"".join(parts), d.eof
+    else:
+        d = lzma.LZMADecompressor() if data.startswith(b"\xfd7zXZ\x00") else zlib.decompressobj()
+        out = d.decompress(data, limit + 1)
+        complete = d.eof
+    if len(out) > limit:
+        raise RunError(f"decompresses to more than {limit} bytes")
+    if not complete:
+        raise RunError("the compressed stream is truncated")
+    return out
 
 
 def format_name(args: Hyperparameters) -> str:
@@ -824,16 +882,30 @@ def serialize_artifact(state: dict[str, Tensor], args: Hyperparameters) -> bytes
     return compress(buf.getvalue(), args.compressor)
 
 
-def load_artifact(path: str) -> dict[str, Tensor]:
-    """Dequantized state dict from an artifact; anything but this script's format is refused."""
+def load_artifact(path: str | Path, data: bytes | None = None) -> dict[str, Tensor]:
+    """Dequantized state dict from an artifact (the file, or its bytes `data`); anything but this
+    script's format is refused."""
     try:
-        obj = torch.load(io.BytesIO(decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
-    except Exception as e:  # decompression, unpickling and weights_only errors alike
-        raise RunError(f"{path} is not a loadable artifact: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        if data is None and os.path.getsize(path) > MAX_DECOMPRESSED_BYTES:
+            raise RunError(f"{os.path.getsize(path)} bytes is no artifact")
+        data = Path(path).read_bytes() if data is None else data
+        obj = torch.load(io.BytesIO(decompress(data, MAX_DECOMPRESSED_BYTES)), map_location="cpu", weights_only=True)
+    except Exception as e:  # reading, decompression, unpickling and weights_only errors alike
+        raise RunError(f"{path} is not a loadable artifact: {type(e).__name__}: {(str(e) or '?').splitlines()[0]}") from None
     problem = check_schema(obj)
     if problem:
         raise RunError(f"{path}: {problem}")
     return dequantize_state_dict(obj)
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load `state` into `model` exactly, or one RunError saying the weights are of another shape."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        problems = str(e).splitlines()
+        raise RunError(f"{source} does not fit the model of these settings: "
+                       f"{' '.join(p.strip() for p in problems[1:3]) or problems[0]}") from None
 
 
 # The size estimate's calibration. Codes are costed as those of Gaussian rows of TRAINED_ROW_STD,
@@ -910,8 +982,26 @@ def train_shard_files(pattern: str) -> list[Path]:
     if not files:
         raise RunError(f"DATA_PATH has no training shards matching {pattern}")
     for f in files:
-        shard_token_count(f)
+        if not shard_token_count(f):
+            raise RunError(f"{f} holds no tokens: remove it")
     return files
+
+
+def check_shard_ids(file: Path, vocab_size: int) -> None:
+    tokens = np.memmap(file, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(shard_token_count(file),))
+    top = int(tokens.max(initial=0))
+    if top >= vocab_size:
+        raise RunError(f"{file} holds token id {top}, not below VOCAB_SIZE={vocab_size}: the shards and the "
+                       "tokenizer do not match")
+
+
+def check_token_ids(files: list[Path], vocab_size: int) -> Callable[[], None]:
+    """Start reading every shard's largest token id in background threads (while the model
+    compiles); the returned function waits for them and refuses a shard made for a larger vocab."""
+    pool = ThreadPoolExecutor(max_workers=4)
+    checks = [pool.submit(check_shard_ids, f, vocab_size) for f in files]
+    pool.shutdown(wait=False)
+    return lambda: [check.result() for check in checks] and None
 
 
 class TokenStream:
@@ -1028,7 +1118,8 @@ class SeedLoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         seed, checksum = state_dict.get(prefix + "seed"), state_dict.get(prefix + "checksum")
-        if seed is not None and checksum is not None:
+        shapes = [getattr(state_dict.get(prefix + k), "shape", None) for k in ("lora_a", "lora_b")]
+        if seed is not None and checksum is not None and shapes == [self.lora_a.shape, self.lora_b.shape]:
             random_map, expected = seeded_signs(self.out_features, self.in_features, int(seed))
             if int(checksum) != expected:
                 raise RunError(f"{prefix}random_map: regenerating seed {int(seed)} gives checksum {expected}, "
@@ -1423,14 +1514,17 @@ class TrainClock:
 
     An exact reading needs a device sync, and ranks must agree on when to stop and on the LR (or
     their weights drift apart). So the clock is read, synchronized and all-reduced only at sync
-    points (log and validation steps, depth changes, and ever more often as the cap nears); in
-    between, time is extrapolated from the current depth phase's measured step time, identically
-    on every rank. Per-phase step time keeps the warmdown right when the depth jumps from 2 to 6.
+    points (log and validation steps, depth changes, at most MAX_SYNC_GAP steps apart, and ever
+    more often as the cap nears, by step count and by the host clock); in between, time is
+    extrapolated from the step time measured since the previous sync, identically on every rank.
+    A depth change scales that step time by the new depth's cost until the new phase is timed.
     """
 
-    def __init__(self, args: Hyperparameters, device: torch.device):
+    def __init__(self, args: Hyperparameters, device: torch.device, distributed: bool = False):
         self.args, self.device = args, device
         self.cap_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
+        # due() agrees on host readings over a CPU group: NCCL's would need the device sync it avoids.
+        self.host_group = dist.new_group(backend="gloo") if distributed and device.type == "cuda" else None
         self.local_ms, self.t0 = 0.0, 0.0  # this rank's time before the last resume()
         self.elapsed_ms, self.sync_step = 0.0, 0  # agreed at the last sync point
         self.phase_step, self.phase_ms, self.step_ms = 0, 0.0, None
@@ -1447,11 +1541,23 @@ class TrainClock:
         agreed = torch.stack([torch.tensor(self.local_ms, dtype=torch.float64, device=self.device), flag.double()])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        self.elapsed_ms, flag_any = agreed.tolist()
-        self.sync_step = step
-        if step > self.phase_step:
-            self.step_ms = (self.elapsed_ms - self.phase_ms) / (step - self.phase_step)
+        elapsed_ms, flag_any = agreed.tolist()
+        if step > self.sync_step:  # the step time since the last sync: steps that slow down mid-phase count at once
+            self.step_ms = (elapsed_ms - self.elapsed_ms) / (step - self.sync_step)
+        self.elapsed_ms, self.sync_step = elapsed_ms, step
         return bool(flag_any)
+
+    def due(self) -> bool:
+        """Whether the host clock says to sync now: half the time that was left to the cap at the last
+        sync has passed. Reading it needs no device sync (on CUDA the host runs only a few queued
+        steps ahead of the device); ranks agree on the latest reading. Every step asks, so a run
+        whose steps slow down still stops within about a step of the cap."""
+        if self.cap_ms is None:
+            return False
+        host_ms = torch.tensor([self.local_ms + 1000.0 * (time.perf_counter() - self.t0)], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(host_ms, op=dist.ReduceOp.MAX, group=self.host_group)
+        return host_ms.item() - self.elapsed_ms >= (self.cap_ms - self.elapsed_ms) / 2
 
     def begin_phase(self, step: int, depth_ratio: float) -> None:
         # Call right after measure(step). Until the new phase has timed steps, guess from the old one.
@@ -1541,17 +1647,27 @@ class EMA:
             p.copy_(s)
 
 
-RESUMABLE_KEYS = ("run_id", "resume_from", "checkpoint_every", "checkpoint_keep")  # may change on resume
-CHECKPOINT_FORMAT = "checkpoint_v1"
+# Settings a resumed run may change: naming, checkpointing, and what only evaluation and logging
+# read (the EVAL_ and TTT_ groups too). Paths are compared resolved.
+RESUMABLE_KEYS = ("run_id", "resume_from", "checkpoint_every", "checkpoint_keep", "val_loss_every", "train_log_every",
+                  "val_batch_size", "size_check")
+CHECKPOINT_FORMAT = "checkpoint_v2"
+CHECKPOINT_NAME = re.compile(r"step(\d+)\.pt")
 CLOCK_FIELDS = ("local_ms", "elapsed_ms", "sync_step", "phase_step", "phase_ms", "step_ms")
 
 
 def checkpoint_config(args: Hyperparameters) -> dict[str, str]:
-    return {k: str(v) for k, v in sorted(vars(args).items()) if k not in RESUMABLE_KEYS}
+    return {k: str(Path(v).resolve()) if k in ("data_path", "tokenizer_path") else str(v)
+            for k, v in sorted(vars(args).items()) if k not in RESUMABLE_KEYS and not k.startswith(("eval_", "ttt_"))}
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(path.stem.removeprefix("step"))
+    return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The checkpoints in `directory` by step; files named otherwise are not checkpoints."""
+    return sorted((p for p in directory.glob("step*.pt") if CHECKPOINT_NAME.fullmatch(p.name)), key=checkpoint_step)
 
 
 def resolve_resume(args: Hyperparameters) -> Path | None:
@@ -1562,14 +1678,14 @@ def resolve_resume(args: Hyperparameters) -> Path | None:
         if not path.is_file():
             raise RunError(f"RESUME_FROM={args.resume_from} does not exist")
         return path
-    found = sorted(Path("checkpoints", args.run_id).glob("step*.pt"), key=checkpoint_step)
+    found = checkpoint_files(Path("checkpoints", args.run_id))
     if not found:
         raise RunError(f"RESUME_FROM=latest: no checkpoints/{args.run_id}/step*.pt (set RUN_ID to the run to resume)")
     return found[-1]
 
 
-def load_checkpoint(path: Path, args: Hyperparameters, world_size: int) -> dict:
-    """A checkpoint of this configuration, or one RunError naming what differs."""
+def load_checkpoint(path: Path, args: Hyperparameters, world_size: int, code: str) -> dict:
+    """A checkpoint of this script and configuration, or one RunError naming what differs."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1582,7 +1698,67 @@ def load_checkpoint(path: Path, args: Hyperparameters, world_size: int) -> dict:
         raise RunError(f"RESUME_FROM={path} was written with other settings: {', '.join(differ)}")
     if ckpt["world_size"] != world_size:
         raise RunError(f"RESUME_FROM={path} was written by {ckpt['world_size']} rank(s), not {world_size}")
+    if ckpt["code_sha256"] != sha256(code):
+        raise RunError(f"RESUME_FROM={path} was written by another version of this script (sha256 "
+                       f"{ckpt['code_sha256'][:12]}, now {sha256(code)[:12]}): resume with the script that wrote it")
     return ckpt
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def move_aside(path: Path) -> None:
+    """Rename an earlier run's output to NAME.~k~, the first k free (as `cp --backup=numbered`)."""
+    k = 1
+    while path.with_name(f"{path.name}.~{k}~").exists():
+        k += 1
+    if path.exists():
+        path.rename(path.with_name(f"{path.name}.~{k}~"))
+
+
+def start_run(args: Hyperparameters, world_size: int, code: str) -> tuple[dict | None, int | None]:
+    """Rank 0, before the run writes anything: the checkpoint to resume from, and the length its
+    log is cut back to, to continue it (None: a new log). Refuses checkpoints this run would mix with
+    (RESUME_FROM=latest and pruning would confuse them), and moves an earlier run's log and
+    artifacts of this RUN_ID aside, so no file of another run looks like this one's."""
+    path = resolve_resume(args)
+    ckpt = load_checkpoint(path, args, world_size, code) | {"path": str(path)} if path else None
+    directory = Path("checkpoints", args.run_id)
+    own = ckpt is not None and path.parent.resolve() == directory.resolve()
+    found = [p.name for p in checkpoint_files(directory) if not own or checkpoint_step(p) > ckpt["step"]]
+    if found and (ckpt is not None or args.checkpoint_every):
+        raise RunError(f"{directory} holds checkpoints ({', '.join(found)}) " + (
+            f"later than RESUME_FROM={path} (step {ckpt['step']}): move them away, or resume under another RUN_ID"
+            if own else "of another run: continue it with RESUME_FROM=latest, or choose another RUN_ID"))
+    for cut_short in directory.glob(".step*.pt.tmp*"):  # a checkpoint write a crash interrupted
+        cut_short.unlink()
+    move_aside(Path("artifacts", args.run_id))
+    log = Path("logs", f"{args.run_id}.txt")
+    if ckpt and ckpt["run_id"] == args.run_id and log.is_file() and log.stat().st_size >= ckpt["log_bytes"]:
+        return ckpt, ckpt["log_bytes"]
+    move_aside(log)
+    return ckpt, None
+
+
+def on_master(master: bool, distributed: bool, work: Callable[[], object]) -> object:
+    """Run `work` on rank 0 alone and give every rank its result, or its RunError, so that no rank
+    waits on one that failed and no rank reads a file only rank 0 wrote (nodes need not share a disk)."""
+    result, error = None, None
+    if master:
+        try:
+            result = work()
+        except Exception as e:
+            if not distributed:
+                raise
+            error = str(e) if isinstance(e, RunError) else f"rank 0 failed: {type(e).__name__}: {e}"
+    if distributed:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise RunError(error)
+    return result
 
 
 def rng_state(device: torch.device) -> dict:
@@ -1601,24 +1777,29 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> tuple[Path, int]:
-    """Write step{step}.pt atomically (a crash mid-write leaves the older ones intact), then
-    delete all but the newest `keep`."""
+    """Write step{step}.pt atomically (a crash mid-write leaves the older ones intact), then delete
+    all but the newest `keep`, never the one just written. start_run refuses checkpoints later than
+    a resumed run's, so the newest by step are the newest written."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step{step}.pt"
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_atomic(str(path), buf.getvalue())
-    for old in sorted(directory.glob("step*.pt"), key=checkpoint_step)[:-keep]:
+    write_atomic(path, buf.getvalue())
+    older = [p for p in checkpoint_files(directory) if p != path]
+    for old in older[: len(older) - (keep - 1)]:
         old.unlink()
     return path, buf.getbuffer().nbytes
 
 
 class Logger:
-    def __init__(self, run_id: str, master: bool):
+    # Rank 0 writes logs/{RUN_ID}.txt: a new file, or a resumed run's own log cut back to `keep_bytes`.
+    def __init__(self, run_id: str, master: bool, keep_bytes: int | None = None):
         self.master = master
-        self.path = f"logs/{run_id}.txt" if master else None
+        self.path = Path("logs", f"{run_id}.txt")
         if master:
-            os.makedirs("logs", exist_ok=True)
+            self.path.parent.mkdir(exist_ok=True)
+            with open(self.path, "ab") as f:
+                f.truncate(keep_bytes or 0)
             print(self.path)
 
     def __call__(self, msg: str, console: bool = True) -> None:
@@ -1697,18 +1878,6 @@ def main() -> None:
     CPU_AUTOCAST = args.autocast == "bf16"
     bf16 = device.type == "cuda" or CPU_AUTOCAST
     master = rank == 0
-    log = Logger(args.run_id, master)
-    log(code, console=False)
-    log("=" * 100, console=False)
-    log(f"Running Python {sys.version}", console=False)
-    log(f"Running PyTorch {torch.__version__}", console=False)
-    if device.type == "cuda":
-        smi = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False)
-        log(smi.stdout, console=False)
-    log("=" * 100, console=False)
-    for name, value in sorted(vars(args).items()):
-        log(f"{name}:{value}", console=False)
-
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1729,18 +1898,33 @@ def main() -> None:
         raise RunError(f"VOCAB_SIZE={args.vocab_size} does not match tokenizer vocab_size={int(sp.vocab_size())} "
                        f"of TOKENIZER_PATH={args.tokenizer_path}")
     train_files = train_shard_files(args.train_files)
-    val_tokens = load_validation_tokens(args.val_files, args.train_seq_len)
-    resume_path = resolve_resume(args)
-    ckpt = load_checkpoint(resume_path, args, world_size) if resume_path else None
+    val_tokens = load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
+    token_ids_checked = check_token_ids(train_files, args.vocab_size)  # waited for before training
     luts = build_byte_luts(sp, args.vocab_size, device)
-    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
-    log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(train_files)}")
-    log(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel() - 1}")
-
     base_model = GPT(args).to(device)
     code_bytes = len(code.encode("utf-8"))  # of the file that runs: pack it to count the packed bytes
     estimate = estimate_artifact_bytes(base_model.state_dict(), args) + code_bytes
     verdict = size_verdict(estimate, args)  # refuses a run clearly over the cap, before any training
+
+    # Rank 0 alone reads the checkpoint and prepares the run's files; every rank gets the result.
+    ckpt, keep_log_bytes = on_master(master, distributed, lambda: start_run(args, world_size, code))
+    log = Logger(args.run_id, master, keep_log_bytes)
+    if keep_log_bytes is None:  # a resumed run continuing its own log has these already
+        log(code, console=False)
+        log("=" * 100, console=False)
+        log(f"Running Python {sys.version}", console=False)
+        log(f"Running PyTorch {torch.__version__}", console=False)
+        if device.type == "cuda":
+            smi = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False)
+            log(smi.stdout, console=False)
+        log("=" * 100, console=False)
+        for name, value in sorted(vars(args).items()):
+            log(f"{name}:{value}", console=False)
+    for warning in setting_warnings(os.environ):
+        log(warning)
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
+    log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(train_files)}")
+    log(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel() - 1}")
     if bf16:
         # As in the baseline: a bf16 embedding makes the residual stream bf16, halving its memory.
         base_model.tok_emb.bfloat16()
@@ -1780,6 +1964,7 @@ def main() -> None:
 
     if args.warmup_steps > 0:
         prime_compile(model, compiled, base_model, optimizers, args, world_size, device, distributed, log)
+    token_ids_checked()
     graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     peaks: list[tuple[int, int]] = []  # CUDA's (allocated, reserved) peak bytes of the warmup and each phase
 
@@ -1796,7 +1981,7 @@ def main() -> None:
     loader = DistributedTokenLoader(train_files, rank, world_size, device)
     local_tokens = args.train_batch_tokens // (world_size * accum)
     next_batch = lambda: loader.next_batch(local_tokens, args.train_seq_len)
-    clock = TrainClock(args, device)
+    clock = TrainClock(args, device, distributed)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     step, depth, stop, next_sync, qat_on = 0, args.depth_at(0), False, 1, False
 
@@ -1826,7 +2011,7 @@ def main() -> None:
         step, depth, next_sync, qat_on = ckpt["step"], ckpt["depth"], ckpt["next_sync"], ckpt["qat_on"]
         base_model.qat_gate.fill_(float(qat_on))
         set_rng_state(ckpt["rng"], device)
-        log(f"resumed_from:{resume_path} step:{step} train_time:{clock.elapsed_ms:.0f}ms")
+        log(f"resumed_from:{ckpt['path']} step:{step} train_time:{clock.elapsed_ms:.0f}ms")
         del ckpt
     log(clock.describe())
     log(f"layer_schedule_advance:step:{step} active_num_layers:{depth}")
@@ -1879,7 +2064,7 @@ def main() -> None:
         step += 1
 
         log_now = args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0)
-        if log_now or step >= next_sync:
+        if log_now or step >= next_sync or clock.due():
             sync_clock()
             stop = clock.out_of_time()
             next_sync = clock.next_sync(step)
@@ -1898,12 +2083,11 @@ def main() -> None:
                      "model": base_model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
                      "ema": ema.shadow if ema is not None else None, "rng": rng_state(device),
                      "loader": (loader.stream.file_idx, loader.stream.pos),
-                     "clock": {field: getattr(clock, field) for field in CLOCK_FIELDS}}
-            if master:
-                path, nbytes = save_checkpoint(Path("checkpoints", args.run_id), step, state, args.checkpoint_keep)
-                log(f"checkpoint step:{step} path:{path} bytes:{nbytes} write_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-            if distributed:
-                dist.barrier()
+                     "clock": {field: getattr(clock, field) for field in CLOCK_FIELDS},
+                     "run_id": args.run_id, "code_sha256": sha256(code)}
+            path, nbytes = on_master(master, distributed, lambda: save_checkpoint(
+                Path("checkpoints", args.run_id), step, state | {"log_bytes": log.path.stat().st_size}, args.checkpoint_keep))
+            log(f"checkpoint step:{step} path:{path} bytes:{nbytes} write_time:{1000 * (time.perf_counter() - t0):.0f}ms")
             clock.resume()
 
     log_phase_end()
@@ -1929,25 +2113,30 @@ def main() -> None:
             f"delta_bpb:{val_bpb - raw_bpb:+.4f}")
     log(f"final_prequant_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
 
-    # Export, written atomically by rank 0 (the float weights too, for re-exporting in other
-    # formats), then every rank scores the roundtrip.
+    # Export to artifacts/{RUN_ID}/, written atomically by rank 0 (the float weights too, for
+    # re-exporting in other formats); every rank gets the artifact's bytes and scores the roundtrip.
     fmt = format_name(args)
-    artifact = f"final_model.int{args.quant_bits}.ptz"
-    if master:
+    artifact = Path("artifacts", args.run_id, f"final_model.int{args.quant_bits}.ptz")
+
+    def export() -> bytes:
+        artifact.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save(base_model.state_dict(), buf)
-        write_atomic("final_model.pt", buf.getvalue())
-        write_atomic(artifact, serialize_artifact(base_model.state_dict(), args))
-    if distributed:
-        dist.barrier()
-    model_bytes = os.path.getsize(artifact)
+        write_atomic(artifact.with_name("final_model.pt"), buf.getvalue())
+        blob = serialize_artifact(base_model.state_dict(), args)
+        write_atomic(artifact, blob)
+        return blob
+
+    blob = on_master(master, distributed, export)
+    model_bytes = len(blob)
+    log(f"artifact:{artifact}")
     total = model_bytes + code_bytes
     log(f"Serialized model {fmt}: {model_bytes} bytes (code:{code_bytes} bytes)")
     log(f"Total submission size {fmt}: {total} bytes")
     verdict = f"OVER the cap by {total - SIZE_CAP_BYTES} bytes" if total > SIZE_CAP_BYTES else \
         f"fits with {SIZE_CAP_BYTES - total} bytes to spare"
     log(f"size_check: total:{total} cap:{SIZE_CAP_BYTES} estimate:{estimate} {verdict}")
-    base_model.load_state_dict(load_artifact(artifact), strict=True)
+    load_weights(base_model, load_artifact(artifact, blob), str(artifact))
 
     # Final evaluations of the dequantized artifact, each timed; the last one run is the score.
     eval_ms: dict[str, float] = {}
@@ -1980,6 +2169,7 @@ def main() -> None:
         f"artifact:{total}/{SIZE_CAP_BYTES}:{ok(total, SIZE_CAP_BYTES)} val_tokens_trained_before_scoring:0 "
         f"score:{list(eval_ms)[-1]}_exact val_bpb:{score:.8f}")
     if distributed:
+        dist.barrier()  # no rank leaves while another may still need it
         dist.destroy_process_group()
     if total > SIZE_CAP_BYTES:
         raise RunError(f"the artifact ({total} bytes with the code) is over the {SIZE_CAP_BYTES}-byte cap by "

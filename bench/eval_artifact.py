@@ -1,6 +1,6 @@
 """Score a finished run's artifact again with other evaluation settings, without retraining.
 
-    env <the run's model env> EVAL_STRIDE=256 TTT_ENABLED=1 python3 bench/eval_artifact.py final_model.int8.ptz
+    env <the run's model env> EVAL_STRIDE=256 TTT_ENABLED=1 python3 bench/eval_artifact.py artifacts/<RUN_ID>/final_model.int8.ptz
 
 The model shape comes from the environment (as for train_gpt.py), the depth from the last phase
 of NUM_LAYER_SCHEDULE. Prints, for the plain, sliding-window and (with TTT_ENABLED=1) TTT
@@ -19,14 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 
 
-def scoring_setup(state: dict, device: torch.device):
+def scoring_setup(state: dict, device: torch.device, source: str):
     """The model of the environment's shape holding `state`, the validation tokens, the byte
     tables, the last scheduled depth, and the plain (baseline) evaluation of them."""
     args = train_gpt.Hyperparameters()
     args.validate()
     model = train_gpt.GPT(args).to(device)
-    model.load_state_dict(state, strict=True)
-    val_tokens = train_gpt.load_validation_tokens(args.val_files, args.train_seq_len)
+    train_gpt.load_weights(model, state, source)
+    val_tokens = train_gpt.load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
     luts = train_gpt.build_byte_luts(spm.SentencePieceProcessor(model_file=args.tokenizer_path), args.vocab_size, device)
     depth = args.layer_schedule[-1][1]
     plain = lambda: train_gpt.evaluate(model, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len,
@@ -36,7 +36,7 @@ def scoring_setup(state: dict, device: torch.device):
 
 def main(path: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args, model, val_tokens, luts, depth, plain = scoring_setup(train_gpt.load_artifact(path), device)
+    args, model, val_tokens, luts, depth, plain = scoring_setup(train_gpt.load_artifact(path), device, path)
     n = val_tokens.numel() - 1
     runs = {"plain": plain}
     if args.eval_stride:

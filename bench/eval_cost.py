@@ -38,7 +38,7 @@ def forward_flops(model: train_gpt.GPT, seqs: int, seq_len: int, depth: int) -> 
 
 def doc_lengths(args: train_gpt.Hyperparameters) -> tuple[list[int], str]:
     if glob.glob(args.val_files):
-        tokens = train_gpt.load_validation_tokens(args.val_files, args.train_seq_len)
+        tokens = train_gpt.load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
         return [s1 - s0 for s0, s1 in train_gpt.doc_segments(tokens)], f"the documents of {args.val_files}"
     size = VAL_TOKENS // VAL_DOCS
     return [size] * (VAL_DOCS - 1) + [VAL_TOKENS - size * (VAL_DOCS - 1)], f"{VAL_TOKENS:,} tokens in {VAL_DOCS:,} equal documents"

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from train_gpt import setting_warnings  # noqa: E402
 QUICKSTART = (f"DATA_PATH={REPO}/data/datasets/local_sp1024 TOKENIZER_PATH={REPO}/data/tokenizers/local_1024_bpe.model "
               "VOCAB_SIZE=1024 MODEL_DIM=256 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=2 TRAIN_SEQ_LEN=256 "
               "TRAIN_BATCH_TOKENS=16384 VAL_BATCH_SIZE=65536 NUM_LAYER_SCHEDULE=0:2,60:4 WARMDOWN_ITERS=40 "
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         if not re.fullmatch(r"[\w.-]+", name) or name in configs:
             raise SystemExit(f"error: config name {name!r} must be a unique word")
         configs[name] = env_pairs(rest)
+        for warning in setting_warnings({**os.environ, **base, **configs[name]}):  # the check each run makes
+            print(f"{name}: {warning}", flush=True)
     results = {name: [run(name, overrides, seed, base, out, Path(args.script).resolve()) for seed in seeds] for name, overrides in configs.items()}
     print(table(results))
 

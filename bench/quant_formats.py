@@ -1,8 +1,8 @@
 """Size and quantization gap of every export format on one trained model, without retraining.
 
-    env <the run's model env> python3 bench/quant_formats.py final_model.pt
+    env <the run's model env> python3 bench/quant_formats.py artifacts/<RUN_ID>/final_model.pt
 
-final_model.pt is the float state dict a run writes before export (EMA applied when on). The
+artifacts/<RUN_ID>/final_model.pt is the float state dict a run writes before export (EMA applied when on). The
 model shape comes from the environment, as for train_gpt.py; the depth from the last phase of
 NUM_LAYER_SCHEDULE. For each format it prints the artifact bytes, the compressed bytes per
 parameter, the pre-training size estimate for this shape, and the roundtrip val_bpb
@@ -10,7 +10,6 @@ minus the float model's (plain evaluation, the baseline's metric). One process.
 """
 from __future__ import annotations
 
-import io
 import os
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ FORMATS = {
 
 def main(path: str) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
-    _, model, _, _, depth, plain = scoring_setup(state, torch.device("cpu"))
+    _, model, _, _, depth, plain = scoring_setup(state, torch.device("cpu"), path)
     score = lambda: plain()[1]
     float_bpb = score()
     params = sum(t.numel() for t in state.values())
@@ -45,8 +44,7 @@ def main(path: str) -> None:
         args = train_gpt.Hyperparameters({**os.environ, **env})
         blob = train_gpt.serialize_artifact(state, args)
         estimate = train_gpt.estimate_artifact_bytes(state, args)
-        model.load_state_dict(train_gpt.dequantize_state_dict(
-            torch.load(io.BytesIO(train_gpt.decompress(blob)), weights_only=True)), strict=True)
+        model.load_state_dict(train_gpt.load_artifact(name, blob), strict=True)
         gap = score() - float_bpb
         print(f"{name:26s} bytes:{len(blob)} bytes_per_param:{len(blob) / params:.3f} "
               f"estimate:{estimate} ({estimate / len(blob) - 1:+.1%}) quant_gap_bpb:{gap:+.5f}")
