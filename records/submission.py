@@ -10,18 +10,20 @@ same code and the same configuration apart from SEED and RUN_ID; anything else i
 writes records/<track>/<YYYY-MM-DD>_<Name>/ with that train_gpt.py, train_seed<SEED>.log files,
 submission.json, a README with the per-seed table and, when matplotlib is installed, the loss
 curves. `--beat` takes the previous record's val_loss in nats: the challenge asks for a mean at
-least 0.005 nats lower at p < 0.01, tested here one-sided with the seeds as the sample.
+least 0.005 nats lower at p < 0.01, tested here one-sided with the seeds as the sample. Nothing
+read from a log is executed: the launch command's defaults come from the embedded source as text.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import datetime as dt
-import importlib.util
 import json
 import lzma
 import math
 import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -33,6 +35,8 @@ SEPARATOR = "=" * 100
 MARGIN_NATS = 0.005
 TRACKS = ("track_10min_16mb", "track_non_record_16mb")
 IGNORED_KEYS = ("seed", "run_id")  # may differ between the seeds of one submission
+UNPACKED_LIMIT = 16_000_000  # bytes of readable source a packed script may hold: the artifact cap
+FLOAT = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 
 
 class SubmissionError(Exception):
@@ -71,6 +75,16 @@ def find(pattern: str, text: str, path: Path, what: str) -> re.Match:
     return matches[-1]
 
 
+def number(text: str, path: Path, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise SubmissionError(f"{path}: {what} is {text!r}, not a finite number")
+    return value
+
+
 def hardware_of(text: str) -> str:
     """'8xNVIDIA H100 80GB HBM3' from the world size and nvidia-smi's table, else the device type."""
     gpu = re.search(r"^\|\s+\d+\s+(NVIDIA [^|]*?)\s{2,}", text, re.M)
@@ -81,16 +95,23 @@ def hardware_of(text: str) -> str:
 
 
 def parse_log(path: Path) -> Run:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SubmissionError(f"{path}: not a train_gpt.py log (not UTF-8 text)") from None
     parts = text.split(f"\n{SEPARATOR}\n")
     if len(parts) < 3:
         raise SubmissionError(f"{path}: not a train_gpt.py log (no embedded code and settings)")
     code, config = parts[0], {}
-    for line in parts[2].splitlines():
-        if line.startswith("val_bpb:enabled"):
+    # Older train_gpt.py versions appended a rerun under the same RUN_ID to the same log.
+    count = lambda pattern: len(re.findall(pattern, text[len(code):], re.M))
+    if count(rf"^{SEPARATOR}$") > 2 or count(r"^Running PyTorch ") > 1 or count(r"^compliance ") > 1:
+        raise SubmissionError(f"{path}: holds more than one run (a reused RUN_ID?); give each run its own log")
+    for line in parts[2].splitlines():  # one name:value line per setting; warnings may follow them
+        setting = re.fullmatch(r"([a-z_][a-z0-9_]*):(.*)", line)
+        if not setting or line.startswith("val_bpb:enabled"):
             break
-        key, _, value = line.partition(":")
-        config[key] = value
+        config[setting.group(1)] = setting.group(2)
     fmt_line = find(r"^Serialized model (\S+): \d+ bytes \(code:(\d+) bytes\)$", text, path, "Serialized model")
     fmt, bytes_code = fmt_line.group(1), int(fmt_line.group(2))
     if len(code.encode("utf-8")) != bytes_code:
@@ -104,11 +125,14 @@ def parse_log(path: Path) -> Run:
     roundtrip = find(rf"^final_{re.escape(fmt.replace('+', '_'))}_roundtrip_exact val_loss:\S+ val_bpb:(\S+)$",
                      text, path, "roundtrip")
     steps = find(r"^train_summary steps:(\d+) ", text, path, "train_summary")
-    if "seed" not in config:
-        raise SubmissionError(f"{path}: the settings block has no seed")
+    if not re.fullmatch(r"\d+", config.get("seed", "")):
+        raise SubmissionError(f"{path}: the settings block has no seed, or one that is not a whole number")
     return Run(path=path, text=text, code=code, config=config, seed=int(config["seed"]), fmt=fmt, score_label=label,
-               val_loss=float(score.group(1)), val_bpb=float(score.group(2)), pre_quant_val_loss=float(pre.group(1)),
-               pre_quant_val_bpb=float(pre.group(2)), roundtrip_val_bpb=float(roundtrip.group(1)),
+               val_loss=number(score.group(1), path, f"{label}_exact val_loss"),
+               val_bpb=number(score.group(2), path, f"{label}_exact val_bpb"),
+               pre_quant_val_loss=number(pre.group(1), path, "final_prequant_exact val_loss"),
+               pre_quant_val_bpb=number(pre.group(2), path, "final_prequant_exact val_bpb"),
+               roundtrip_val_bpb=number(roundtrip.group(1), path, "roundtrip val_bpb"),
                bytes_total=int(compliance.group(5)), bytes_code=bytes_code, steps=int(steps.group(1)),
                train_time_ms=int(compliance.group(1)), eval_time_ms=int(compliance.group(3)),
                train_ok=compliance.group(2) == "ok", eval_ok=compliance.group(4) == "ok",
@@ -253,13 +277,48 @@ def env_value(value: str) -> str:
     return {"True": "1", "False": "0"}.get(value, value)
 
 
-def launch_command(code_path: Path, runs: list[Run]) -> str:
-    """torchrun command with the settings that differ from the script's defaults."""
-    spec = importlib.util.spec_from_file_location("submitted_train_gpt", code_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    defaults = {k: str(v) for k, v in vars(module.Hyperparameters({})).items()}
-    changed = [f"{k.upper()}={env_value(v)}" for k, v in sorted(runs[0].config.items())
+def is_self(node: ast.AST, attr: str | None = None) -> bool:
+    return (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+            and attr in (None, node.attr))
+
+
+def default_value(node: ast.expr, known: dict):
+    """A default as written: a literal, a setting read before it (self.x), or min/max of those."""
+    if is_self(node):
+        return known[node.attr]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max") \
+            and len(node.args) >= 2 and not node.keywords:
+        return {"min": min, "max": max}[node.func.id](*(default_value(a, known) for a in node.args))
+    return ast.literal_eval(node)
+
+
+def script_defaults(source: str, path: Path) -> dict[str, str]:
+    """The defaults of Hyperparameters' `self.x = self._get("X", default, ...)` settings, read from the
+    source without running it (nothing in a log is executed). A default of any other form (the
+    run_id's uuid) is left out, so that setting is always named in the launch command."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError) as e:
+        raise SubmissionError(f"{path}: the embedded code is not Python ({type(e).__name__})") from None
+    inits = [f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "Hyperparameters"
+             for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"]
+    known = {}
+    for node in sorted((n for f in inits for n in ast.walk(f) if isinstance(n, ast.Assign)), key=lambda n: n.lineno):
+        target, call = node.targets[0], node.value
+        if not (len(node.targets) == 1 and is_self(target) and isinstance(call, ast.Call)
+                and is_self(call.func, "_get") and len(call.args) >= 2):
+            continue
+        try:
+            known[target.attr] = default_value(call.args[1], known)
+        except (ValueError, TypeError, KeyError, RecursionError):
+            known.pop(target.attr, None)
+    return {k: str(v) for k, v in known.items()}
+
+
+def launch_command(source: str, runs: list[Run]) -> str:
+    """torchrun command with the settings that differ from the script's defaults, quoted for a shell."""
+    defaults = script_defaults(source, runs[0].path)
+    changed = [f"{k.upper()}={shlex.quote(env_value(v))}" for k, v in sorted(runs[0].config.items())
                if k not in IGNORED_KEYS and defaults.get(k) != v]
     return " ".join(["SEED=<seed>", *changed, "torchrun --standalone --nproc_per_node=8 train_gpt.py"])
 
@@ -286,8 +345,8 @@ def plot(runs: list[Run], out: Path) -> None:
     import matplotlib.pyplot as plt
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
-        train = re.findall(r"^step:(\d+)/\d+ train_loss:(\S+) ", r.text, re.M)
-        val = re.findall(r"^step:(\d+)/\d+ val_loss:\S+ val_bpb:(\S+) ", r.text, re.M)
+        train = re.findall(rf"^step:(\d+)/\d+ train_loss:({FLOAT}) ", r.text, re.M)
+        val = re.findall(rf"^step:(\d+)/\d+ val_loss:\S+ val_bpb:({FLOAT}) ", r.text, re.M)
         ax_train.plot([int(s) for s, _ in train], [float(v) for _, v in train], label=f"seed {r.seed}")
         ax_val.plot([int(s) for s, _ in val], [float(v) for _, v in val], marker="o", label=f"seed {r.seed}")
     for ax, title in ((ax_train, "train_loss (nats)"), (ax_val, "val_bpb")):
@@ -318,9 +377,24 @@ def pack(source: str) -> str:
 
 
 def unpack(code: str) -> str | None:
-    """The readable source inside a packed file, or None when `code` is not packed."""
+    """The readable source inside a packed file, or None when `code` is not packed. Decompresses at
+    most UNPACKED_LIMIT bytes: a crafted payload could expand without bound."""
     match = re.fullmatch(re.escape(PACKED_PREFIX) + r'"([^"]*)"\)\)\)\n', code)
-    return lzma.decompress(base64.b85decode(match.group(1))).decode("utf-8") if match else None
+    if not match:
+        return None
+    try:
+        stream = lzma.LZMADecompressor()
+        source = stream.decompress(base64.b85decode(match.group(1)), max_length=UNPACKED_LIMIT)
+    except (ValueError, lzma.LZMAError) as e:
+        raise SubmissionError(f"the packed code is not base85 lzma data ({e})") from None
+    if not stream.eof and not stream.needs_input:
+        raise SubmissionError(f"the packed code unpacks to more than {UNPACKED_LIMIT:,} bytes")
+    if not stream.eof or stream.unused_data:
+        raise SubmissionError("the packed code is not one complete lzma stream")
+    try:
+        return source.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SubmissionError("the packed code does not unpack to UTF-8 text") from None
 
 
 def make(args: argparse.Namespace) -> Path:
@@ -330,14 +404,22 @@ def make(args: argparse.Namespace) -> Path:
     date = args.date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
         raise SubmissionError(f"--date {date!r} is not YYYY-MM-DD")
+    if args.track not in TRACKS:
+        raise SubmissionError(f"--track {args.track!r} is not one of {', '.join(TRACKS)}")
+    if not slug(args.name):
+        raise SubmissionError(f"--name {args.name!r} has no letters or digits to name the folder with")
     folder = Path(args.root) / args.track / f"{date}_{slug(args.name)}"
     if folder.exists():
         raise SubmissionError(f"{folder} already exists")
+    try:
+        readable = unpack(runs[0].code)
+    except SubmissionError as e:
+        raise SubmissionError(f"{runs[0].path}: {e}") from None
+    command = launch_command(runs[0].code if readable is None else readable, runs)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         (tmp / "train_gpt.py").write_text(runs[0].code, encoding="utf-8")
-        readable = unpack(runs[0].code)
         if readable is not None:  # ship the source the packed file was made from beside it
             (tmp / "train_gpt_readable.py").write_text(readable, encoding="utf-8")
         for r in runs:
@@ -351,7 +433,6 @@ def make(args: argparse.Namespace) -> Path:
         meta = {"author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
                 "date": date, "track": args.track, **stats}
         (tmp / "submission.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        command = launch_command(tmp / "train_gpt.py", runs)
         (tmp / "README.md").write_text(readme(args.name, args.blurb, runs, stats, command, has_plot), encoding="utf-8")
         tmp.rename(folder)
     finally:
@@ -404,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
             print(significance_text(stats.get("significance")))
             return
         print(make(args))
-    except SubmissionError as e:
+    except (SubmissionError, OSError) as e:
         sys.exit(f"error: {e}")
 
 

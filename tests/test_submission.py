@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib.util
 import json
+import lzma
 import math
 import re
+import shlex
 import statistics
 import sys
 
@@ -227,3 +230,150 @@ def test_the_estimate_is_within_its_error_of_the_published_artifacts():
     errors = {name: estimate(env) / published - 1 for name, env, published in PUBLISHED}
     assert len(errors) == 14 and abs(errors["PR #1088 UT_DoubleAttn_3L-MLP (the calibration)"]) < 0.002
     assert all(-train_gpt.SIZE_ESTIMATE_ERROR < e < 0.0 for e in errors.values()), errors
+
+
+def with_code(tmp_path, log, code: str, name: str):
+    """`log` with `code` as its embedded code, and the code-byte count to match."""
+    text = log.read_text()
+    text = code + text[text.index(f"\n{submission.SEPARATOR}\n"):]
+    text = re.sub(r"\(code:\d+ bytes\)$", f"(code:{len(code.encode())} bytes)", text, flags=re.M)
+    (tmp_path / name).write_text(text)
+    return tmp_path / name
+
+
+def make_cli(log, root, name="X") -> list[str]:
+    return ["make", str(log), "--name", name, "--author", "a", "--github-id", "a", "--date", "2026-11-25",
+            "--root", str(root)]
+
+
+def refusal(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        submission.main(argv)
+    assert "\n" not in str(exit_info.value)
+    return str(exit_info.value)
+
+
+def reproduce_command(folder) -> str:
+    return re.search(r"^SEED=<seed> .*$", (folder / "README.md").read_text(), re.M).group(0)
+
+
+def test_make_runs_nothing_from_the_logs(tmp_path, logs):
+    # The launch command's defaults are read from the embedded source as text; running it would run
+    # whatever a crafted log carries, here a line that leaves a file behind when imported.
+    marker = tmp_path / "ran"
+    payload = f"open({str(marker)!r}, 'w').close()\n"
+    code = (REPO / "train_gpt.py").read_text()
+    plain = with_code(tmp_path, logs[0], code + payload, "plain.txt")
+    packed = with_code(tmp_path, logs[0], submission.pack(code + payload), "packed.txt")
+    reference = submission.make(argparse.Namespace(
+        logs=[str(logs[0])], name="Reference", author="A", github_id="a", blurb="", track="track_10min_16mb",
+        date="2026-11-25", root=str(tmp_path / "records"), beat=None))
+    for log in (plain, packed):
+        folder = submission.make(argparse.Namespace(
+            logs=[str(log)], name=log.stem, author="A", github_id="a", blurb="", track="track_10min_16mb",
+            date="2026-11-25", root=str(tmp_path / "records"), beat=None))
+        assert not marker.exists()
+        assert reproduce_command(folder) == reproduce_command(reference)
+    assert (folder / "train_gpt_readable.py").read_text() == code + payload
+
+
+def test_defaults_are_read_from_the_source_as_written():
+    import train_gpt
+    defaults = submission.script_defaults((REPO / "train_gpt.py").read_text(), REPO / "train_gpt.py")
+    expected = {k: str(v) for k, v in vars(train_gpt.Hyperparameters({})).items()}
+    assert defaults == {k: v for k, v in expected.items() if k != "run_id"}  # a fresh uuid: always named
+    source = ("class Hyperparameters:\n    def __init__(self, env):\n"
+              "        self.a = self._get('A', 4)\n        self.b = self._get('B', self.a)\n"
+              "        self.c = self._get('C', min(64, self.b))\n        self.d = self._get('D', str(uuid.uuid4()))\n"
+              "        self.e = self._get('E', max(self.d, 1))\n        self.f = self._get('F', open('x').read())\n"
+              "        self.g = self._get('G', 2, '[0,)')\n")
+    assert submission.script_defaults(source, REPO) == {"a": "4", "b": "4", "c": "4", "g": "2"}
+    with pytest.raises(submission.SubmissionError, match="embedded code is not Python"):
+        submission.script_defaults("def (:\n", REPO)
+
+
+def test_packed_code_that_unpacks_too_far_or_not_at_all_is_refused(tmp_path, logs):
+    compressor = lzma.LZMACompressor(preset=0)
+    chunk = bytes(1 << 20)
+    blob = b"".join(compressor.compress(chunk) for _ in range(17)) + compressor.flush()  # 3 kB -> 17.8 MB
+    pack = lambda data: f'{submission.PACKED_PREFIX}"{base64.b85encode(data).decode()}")))\n'
+    with pytest.raises(submission.SubmissionError, match="unpacks to more than 16,000,000 bytes"):
+        submission.unpack(pack(blob))
+    bomb = with_code(tmp_path, logs[0], pack(blob), "bomb.txt")
+    assert refusal(make_cli(bomb, tmp_path / "records")) == \
+        f"error: {bomb}: the packed code unpacks to more than 16,000,000 bytes"
+    assert not (tmp_path / "records").exists()
+    broken = (submission.PACKED_PREFIX + '"not base85 \\")))\n', pack(b"not lzma data"),
+              pack(lzma.compress(b"print(1)\n" * 100)[:-8]), pack(lzma.compress(b"x") + b"trailing"),
+              pack(lzma.compress(b"\xff\xfe")))
+    for code in broken:
+        with pytest.raises(submission.SubmissionError, match="the packed code (is not|does not)"):
+            submission.unpack(code)
+
+
+def test_a_log_that_holds_two_runs_is_refused(tmp_path, logs):
+    # Older train_gpt.py versions appended a rerun under the same RUN_ID to the same log.
+    first, second = logs[0].read_text(), logs[1].read_text()
+    interrupted = first[: first.index("\nval_bpb:enabled")] + "\n"
+    for name, text in (("twice.txt", first + second), ("rerun.txt", interrupted + first)):
+        (tmp_path / name).write_text(text)
+        expected = f"error: {tmp_path / name}: holds more than one run (a reused RUN_ID?); give each run its own log"
+        assert refusal(["stats", str(tmp_path / name)]) == expected
+        assert refusal(make_cli(tmp_path / name, tmp_path / "records")) == expected
+    assert not (tmp_path / "records").exists()
+
+
+def test_log_content_that_would_crash_or_misdirect_is_refused_in_one_line(tmp_path, logs):
+    a = logs[0]
+    text = a.read_text()
+    score = last(r"^final_sliding_window_exact stride:16 val_loss:\S+ val_bpb:(\S+)$", text)
+    cases = {
+        "seed.txt": (text.replace("\nseed:7\n", "\nseed:../../x\n"), "seed, or one that is not a whole number"),
+        "nan.txt": (text[: score.start(1)] + "nan" + text[score.end(1):], "val_bpb is 'nan', not a finite number"),
+        "word.txt": (text[: score.start(1)] + "low" + text[score.end(1):], "val_bpb is 'low', not a finite number"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(content)
+        assert refusal(make_cli(tmp_path / name, tmp_path / "records")).startswith(f"error: {tmp_path / name}: ")
+        with pytest.raises(submission.SubmissionError, match=re.escape(message)):
+            submission.load_runs([str(tmp_path / name)])
+    (tmp_path / "bytes.txt").write_bytes(a.read_bytes() + b"\xff\n")
+    assert refusal(["stats", str(tmp_path / "bytes.txt")]) == \
+        f"error: {tmp_path / 'bytes.txt'}: not a train_gpt.py log (not UTF-8 text)"
+    assert refusal(make_cli(a, tmp_path / "records", name="...")).startswith("error: --name '...' has no letters")
+    nested = tmp_path / "a" / "b" / "records"
+    with pytest.raises(submission.SubmissionError, match="--track '../x' is not one of"):
+        submission.make(argparse.Namespace(logs=[str(a)], name="X", author="A", github_id="a", blurb="",
+                                           track="../x", date="2026-11-25", root=str(nested), beat=None))
+    assert not (tmp_path / "records").exists() and not (tmp_path / "a").exists()
+    missing = refusal(["pack", str(tmp_path / "missing.py"), "-o", str(tmp_path / "out.py")])
+    assert missing.startswith("error: [Errno 2]")
+
+
+def test_lines_after_the_settings_are_not_settings(tmp_path, logs):
+    warning = "WARNING: TTT_EPOCHS is not a setting of this script and is ignored (closest: TTT_STEPS)"
+    log = tmp_path / "seed7.txt"
+    log.write_text(logs[0].read_text().replace("\nval_bpb:enabled", f"\n{warning}\nval_bpb:enabled", 1))
+    config = submission.load_runs([str(log)])[0].config
+    assert config == submission.load_runs([str(logs[0])])[0].config and "seed" in config and "WARNING" not in config
+
+
+def test_the_launch_command_quotes_logged_values_for_a_shell(tmp_path, logs):
+    value = "/data $(touch pwned); echo 'x'"
+    log = tmp_path / "seed7.txt"
+    log.write_text(re.sub(r"^data_path:.*$", f"data_path:{value}", logs[0].read_text(), count=1, flags=re.M))
+    folder = submission.make(argparse.Namespace(
+        logs=[str(log)], name="Quoted", author="A", github_id="a", blurb="", track="track_10min_16mb",
+        date="2026-11-25", root=str(tmp_path / "records"), beat=None))
+    words = shlex.split(reproduce_command(folder))
+    assert words[-4:] == ["torchrun", "--standalone", "--nproc_per_node=8", "train_gpt.py"]
+    assert all(re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w, re.S) for w in words[:-4])
+    assert f"DATA_PATH={value}" in words and "MODEL_DIM=32" in words
+
+
+def test_plot_skips_loss_values_that_are_not_numbers(tmp_path, logs):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "seed7.txt"
+    log.write_text(logs[0].read_text() + "step:7/6 train_loss:oops step_avg:1ms\nstep:7/6 val_loss:x val_bpb:- x\n")
+    submission.plot(submission.load_runs([str(log)]), tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
