@@ -244,22 +244,22 @@ def test_a_nan_validation_score_stops_the_run_without_an_artifact(tmp_path, data
 
 
 def test_a_run_whose_steps_slow_down_stops_within_a_step_of_the_cap(tmp_path, dataset):
-    # After 2 s of training every step takes 0.8 s longer: syncs planned from the fast steps alone
-    # would overshoot the 6 s cap by several slow steps.
-    patch = ("import time\n"
-             "step, start = train_gpt.train_step, []\n"
-             "def slowed(*a, **k):\n"
-             "    start.append(start[0] if start else time.perf_counter())\n"
-             "    time.sleep(0.8 if time.perf_counter() - start[0] > 2.0 else 0.0)\n"
+    # On a virtual clock the script reads, 40 steps of 0.05 s, then steps of 0.8 s: syncs planned
+    # from the fast steps alone would overshoot the 6 s cap by several slow steps.
+    patch = ("import types\n"
+             "now, step = [0.0], train_gpt.train_step\n"
+             "train_gpt.time = types.SimpleNamespace(perf_counter=lambda: now[0])\n"
+             "def timed(*a, **k):\n"
+             "    now[0] += 0.05 if now[0] < 2.0 else 0.8\n"
              "    return step(*a, **k)\n"
-             "train_gpt.train_step = slowed")
+             "train_gpt.train_step = timed")
     env = {**dataset, **TINY, "MODEL_DIM": "16", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "ITERATIONS": "100000",
            "MAX_WALLCLOCK_SECONDS": "6", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "0", "RUN_ID": "slow",
            "EVAL_STRIDE": "0", "TRAIN_BATCH_TOKENS": "256"}
     result = run_patched(tmp_path, env, patch)
     assert result.returncode == 0, result.stderr[-2000:]
-    stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:\d+/100000$", result.stdout, re.M)
-    assert stop and 6000 - 1000 < int(stop.group(1)) <= 6000 + 1000, result.stdout[-1500:]  # a slow step is ~0.9 s
+    stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000$", result.stdout, re.M)
+    assert stop and 6000 - 800 < int(stop.group(1)) <= 6000 and int(stop.group(2)) == 40 + 5, result.stdout[-1500:]
 
 
 # ---- run outputs and checkpoints --------------------------------------------------------------
@@ -376,7 +376,7 @@ def test_two_nodes_without_a_shared_disk_train_export_and_resume(tmp_path, datas
 
 
 def test_a_run_killed_while_writing_a_checkpoint_resumes_with_nothing_lost(tmp_path, dataset):
-    env = {**dataset, **TINY, "ITERATIONS": "8", "NUM_LAYER_SCHEDULE": "0:1,5:2", "VAL_LOSS_EVERY": "0",
+    env = {**dataset, **TINY, "ITERATIONS": "8", "NUM_LAYER_SCHEDULE": "0:1,5:2", "VAL_LOSS_EVERY": "0", "MAX_WALLCLOCK_SECONDS": "0",
            "EVAL_STRIDE": "0", "TRAIN_LOG_EVERY": "1", "RUN_ID": "k", "CHECKPOINT_EVERY": "2", "CHECKPOINT_KEEP": "2"}
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     straight.mkdir()
