@@ -3,7 +3,6 @@ checkpoints, the wallclock cap and ranks that share no disk."""
 from __future__ import annotations
 
 import io
-import lzma
 import os
 import re
 import signal
