@@ -4,6 +4,7 @@ Run the suite with `python3 -m pytest -q tests` from the repository root (CPU on
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,13 +57,35 @@ def dataset(tmp_path_factory) -> dict[str, str]:
     return {"DATA_PATH": str(out), "TOKENIZER_PATH": str(tok), "VOCAB_SIZE": "512"}
 
 
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    """This environment without torchrun's rank variables, plus `env`."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}, **env}
+
+
 def run_script(tmp_path: Path, env: dict[str, str], nproc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run train_gpt.py in tmp_path (plain python, or torchrun with `nproc` CPU processes)."""
-    import os
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    full_env.update({"OMP_NUM_THREADS": "1" if nproc else "2", **env})
+    full_env = child_env({"OMP_NUM_THREADS": "1" if nproc else "2", **env})
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.run(launcher + [str(REPO / "train_gpt.py")], cwd=tmp_path, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# train_gpt.main() in a fresh interpreter after `patch` (Python source) has replaced parts of the
+# module: to inject slow steps, failures or a kill at a chosen point.
+SHIM = """
+import sys
+sys.path.insert(0, {repo!r})
+import train_gpt
+{patch}
+try:
+    train_gpt.main()
+except train_gpt.RunError as e:
+    sys.exit(f"error: {{e}}")
+"""
+
+
+def run_patched(cwd: Path, env: dict, patch: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SHIM.format(repo=str(REPO), patch=patch)], cwd=cwd, text=True,
+                          capture_output=True, env=child_env({"OMP_NUM_THREADS": "2", **env}), timeout=timeout)

@@ -2,10 +2,10 @@
 checkpoints, the wallclock cap and ranks that share no disk."""
 from __future__ import annotations
 
+import copy
 import io
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, TINY, run_script, tiny_args, tiny_model
+from conftest import REPO, SHIM, TINY, child_env, run_patched, run_script, tiny_args, tiny_model
 
 # ---- settings -------------------------------------------------------------------------------
 
@@ -123,15 +123,10 @@ def test_an_artifact_bomb_is_refused_without_inflating_it(tmp_path, monkeypatch)
         train_gpt.load_artifact(path)
 
 
-def quantized_model_object(**overrides) -> dict:
-    args = tiny_args(MLP_MULT="64")  # an MLP large enough to be quantized
-    obj = train_gpt.quantize_state_dict(train_gpt.GPT(args).state_dict(), args)
-    assert obj["quantized"]
-    return obj
-
-
 def test_crafted_artifacts_are_refused_by_the_schema(tmp_path):
-    name = next(iter(quantized_model_object()["quantized"]))
+    args = tiny_args(MLP_MULT="64")  # an MLP large enough to be quantized
+    good = train_gpt.quantize_state_dict(train_gpt.GPT(args).state_dict(), args)
+    name = next(iter(good["quantized"]))
     crafted = {
         "no_dtype": lambda o: o["dtypes"].pop(name),
         "bits_tensor": lambda o: o["bits"].__setitem__(name, torch.tensor(8)),
@@ -139,8 +134,9 @@ def test_crafted_artifacts_are_refused_by_the_schema(tmp_path):
         "extra_step": lambda o: o["steps"].__setitem__("ghost", torch.ones(1, dtype=torch.float16)),
         "missing_bits": lambda o: o["bits"].pop(name),
     }
+    assert train_gpt.check_schema(good) is None
     for label, edit in crafted.items():
-        obj = quantized_model_object()
+        obj = copy.deepcopy(good)
         edit(obj)
         assert train_gpt.check_schema(obj) is not None, label
         path = tmp_path / f"{label}.ptz"
@@ -205,24 +201,6 @@ def test_out_of_vocab_training_shard_stops_the_run_before_training(tmp_path, dat
 
 
 # ---- scores -----------------------------------------------------------------------------------
-
-SHIM = """
-import sys
-sys.path.insert(0, {repo!r})
-import train_gpt
-{patch}
-try:
-    train_gpt.main()
-except train_gpt.RunError as e:
-    sys.exit(f"error: {{e}}")
-"""
-
-
-def run_patched(cwd: Path, env: dict, patch: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    return subprocess.run([sys.executable, "-c", SHIM.format(repo=str(REPO), patch=patch)], cwd=cwd, text=True,
-                          capture_output=True, env={**full_env, "OMP_NUM_THREADS": "2", **env}, timeout=timeout)
-
 
 def test_a_nonfinite_training_loss_stops_the_run_without_an_artifact(tmp_path, dataset):
     patch = ("step = train_gpt.train_step\n"
@@ -336,9 +314,8 @@ def free_port() -> int:
 
 def launch_nodes(tmp_path: Path, env: dict, rank0_patch: str = "") -> list[subprocess.CompletedProcess]:
     """Two ranks as two single-process "nodes", each in its own folder (no shared disk but the data)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    base.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-                 "WORLD_SIZE": "2", "LOCAL_RANK": "0", **env})
+    base = child_env({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                      "WORLD_SIZE": "2", "LOCAL_RANK": "0", **env})
     procs = []
     for rank in (0, 1):
         folder = tmp_path / f"node{rank}"
@@ -372,35 +349,3 @@ def test_two_nodes_without_a_shared_disk_train_export_and_resume(tmp_path, datas
     assert "resumed_from:checkpoints/nodes/step4.pt step:4" in second[0].stdout
     assert second[1].stderr.strip().splitlines()[-1] == "error: rank 0 failed: OSError: [Errno 28] No space left on device"
     assert list(node1.iterdir()) == []
-
-
-def test_a_run_killed_while_writing_a_checkpoint_resumes_with_nothing_lost(tmp_path, dataset):
-    env = {**dataset, **TINY, "ITERATIONS": "8", "NUM_LAYER_SCHEDULE": "0:1,5:2", "VAL_LOSS_EVERY": "0", "MAX_WALLCLOCK_SECONDS": "0",
-           "EVAL_STRIDE": "0", "TRAIN_LOG_EVERY": "1", "RUN_ID": "k", "CHECKPOINT_EVERY": "2", "CHECKPOINT_KEEP": "2"}
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    straight.mkdir()
-    crashed.mkdir()
-    assert run_script(straight, env).returncode == 0
-    # SIGKILL between writing step6.pt's temp file and renaming it: no handler runs.
-    patch = ("import os, signal\n"
-             "replace = os.replace\n"
-             "def dying(src, dst):\n"
-             "    if str(dst).endswith('step6.pt'):\n"
-             "        os.kill(os.getpid(), signal.SIGKILL)\n"
-             "    replace(src, dst)\n"
-             "train_gpt.os.replace = dying")
-    killed = run_patched(crashed, env, patch)
-    assert killed.returncode == -signal.SIGKILL
-    folder = crashed / "checkpoints" / "k"
-    names = sorted(p.name for p in folder.iterdir())
-    assert names[1:] == ["step2.pt", "step4.pt"] and names[0].startswith(".step6.pt.tmp")
-    resumed = run_script(crashed, {**env, "RESUME_FROM": "latest"})
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert sorted(p.name for p in folder.iterdir()) == ["step6.pt", "step8.pt"]  # the cut-short write is gone
-    a, b = (torch.load(d / "artifacts" / "k" / "final_model.pt", weights_only=True) for d in (straight, crashed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # One log, as the uninterrupted run's: the killed run's lines after step 4 are replaced.
-    log = (crashed / "logs" / "k.txt").read_text()
-    strip = lambda text: [re.sub(r" train_time.*", "", l) for l in text.splitlines() if re.match(r"step:\d+/8 train_loss", l)]
-    assert strip(log) == strip((straight / "logs" / "k.txt").read_text()) and len(strip(log)) == 8
-    assert log.count("class Hyperparameters") == 1 and "resumed_from:checkpoints/k/step4.pt step:4" in log

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, run_script
+from conftest import REPO, TINY, run_patched, run_script
 
 RUN = {**TINY, "ITERATIONS": "12", "NUM_LAYER_SCHEDULE": "0:1,6:2", "VAL_LOSS_EVERY": "6",
        "TRAIN_LOG_EVERY": "1", "WARMUP_STEPS": "2", "MAX_WALLCLOCK_SECONDS": "0", "RUN_ID": "t",
@@ -134,18 +134,19 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(tmp_path, dataset
     crashed.mkdir()
     first = run_script(straight, env)
     assert first.returncode == 0, first.stderr[-2000:]
-    # The same run with checkpoints, killed right after the step-4 checkpoint is written.
-    import os, signal, subprocess, sys
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_gpt.py")], cwd=crashed, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "2", **env, "CHECKPOINT_EVERY": "2"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for line in proc.stdout:
-        if line.startswith("checkpoint step:4 "):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
+    # The same run with checkpoints, killed (SIGKILL: no handler runs) while writing the step-6
+    # checkpoint, between its temporary file and the rename.
+    patch = ("import os, signal\n"
+             "replace = os.replace\n"
+             "def dying(src, dst):\n"
+             "    if str(dst).endswith('step6.pt'):\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    replace(src, dst)\n"
+             "train_gpt.os.replace = dying")
+    assert run_patched(crashed, {**env, "CHECKPOINT_EVERY": "2"}, patch).returncode == -9
     assert not (crashed / "artifacts").exists()
-    assert sorted(p.name for p in (crashed / "checkpoints" / "r").iterdir()) == ["step2.pt", "step4.pt"]
+    names = sorted(p.name for p in (crashed / "checkpoints" / "r").iterdir())
+    assert names[1:] == ["step2.pt", "step4.pt"] and names[0].startswith(".step6.pt.tmp")
     resumed = run_script(crashed, {**env, "CHECKPOINT_EVERY": "2", "RESUME_FROM": "latest"})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     out = resumed.stdout
@@ -156,7 +157,12 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(tmp_path, dataset
     tail = lambda text: [l for l in text.splitlines() if re.match(r"step:([5-9]|10)/10 (train|val)_loss", l)]
     strip_time = lambda lines: [re.sub(r" train_time.*", "", l) for l in lines]
     assert strip_time(tail(first.stdout)) == strip_time(tail(out)) and len(tail(out)) == 8
-    assert sorted(p.name for p in (crashed / "checkpoints" / "r").iterdir()) == ["step10.pt", "step8.pt"]
+    assert sorted(p.name for p in (crashed / "checkpoints" / "r").iterdir()) == ["step10.pt", "step8.pt"]  # no temp file
+    # One log, as the uninterrupted run's: the lines the killed run wrote after step 4 are cut off.
+    log = (crashed / "logs" / "r.txt").read_text()
+    steps = lambda text: strip_time([l for l in text.splitlines() if re.match(r"step:\d+/10 (train|val)_loss", l)])
+    assert steps(log) == steps((straight / "logs" / "r.txt").read_text()) and len(steps(log)) == 13
+    assert log.count("class Hyperparameters") == 1 and len(re.findall("^resumed_from:", log, re.M)) == 1
 
 
 def torch_equal(x, y) -> bool:
