@@ -702,11 +702,20 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
 # and the score is computed on the dequantized model. Small and per-depth control tensors stay
 # float. QAT trains against the same grid: `quantize_rows` is the one definition of it.
 
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "norm_bias", "q_gain", "skip_weights", "router")
-# Stored fp32, as the baseline and PR #1088 store theirs; other float passthrough (the norm biases
-# too, as in PR #1088) is fp16. The router is a decision boundary (sigmoid > 0.5), so it keeps fp32.
-FP32_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "router")
-EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight", "hash_emb.bigram.weight", "hash_emb.trigram.weight")
+# Every parameter's role, from its name: exactly one pattern matches each (param_roles checks it
+# when the optimizers are built). The optimizers and the export read roles from here alone.
+PARAM_ROLES = {
+    # Muon at MATRIX_LR; QUANT_BITS codes when large.
+    "matrix": r"(stem\.\d+|block|decoder_block|tail\.\d+)\.(attns\.\d+\.(c_q|c_k|c_v|proj)|mlp\.(fc|mids\.\d+|proj))"
+              r"\.(weight|lora_a|lora_b)|hash_emb\.proj\.weight",
+    # Adam at EMBED_LR (TIED_EMBED_LR when tied) and HEAD_LR; EMBED_BITS codes when large.
+    "embedding": r"tok_emb\.weight|hash_emb\.(bigram|trigram)\.weight",
+    "head": r"lm_head\.weight",
+    # Adam at SCALAR_LR; float in the artifact. Controls fp32, as the baseline and PR #1088 store
+    # theirs (the router is a decision boundary, sigmoid > 0.5); norm biases fp16, as PR #1088's.
+    "control": r"controls\.(attn_scale|mlp_scale|resid_mix|router)|skip_weights|(.*\.)?q_gain",
+    "norm_bias": r"controls\.(attn|mlp)_norm_bias",
+}
 KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost more in scales/metadata than they save
 CLIP_Q = 0.9999984  # the baseline's per-row clip percentile of |w|
 QUANT_FORMAT = "per_row_v2"
@@ -715,14 +724,29 @@ TIME_BUDGET_SECONDS = 600  # each of training and evaluation, on 8xH100
 COMPRESSORS = ("zlib", "zstd", "lzma")
 
 
-def is_control(name: str) -> bool:
-    return any(pattern in name for pattern in CONTROL_PATTERNS)
+def param_role(name: str) -> str | None:
+    """The role of a parameter's name in PARAM_ROLES, or None (a buffer of the state dict)."""
+    roles = [role for role, pattern in PARAM_ROLES.items() if re.fullmatch(pattern, name)]
+    if len(roles) > 1:
+        raise RunError(f"parameter {name} has two roles in PARAM_ROLES: {', '.join(roles)}")
+    return roles[0] if roles else None
+
+
+def param_roles(model: nn.Module) -> dict[str, list[Tensor]]:
+    """The model's parameters by role; a parameter without one is an error, not a silent default."""
+    groups: dict[str, list[Tensor]] = {role: [] for role in PARAM_ROLES}
+    for name, p in model.named_parameters():
+        role = param_role(name)
+        if role is None:
+            raise RunError(f"parameter {name} has no role in PARAM_ROLES")
+        groups[role].append(p)
+    return groups
 
 
 def passthrough_dtype(name: str, t: Tensor) -> torch.dtype:
     if not t.is_floating_point():
         return t.dtype
-    return torch.float32 if any(pattern in name for pattern in FP32_PATTERNS) else torch.float16
+    return torch.float32 if param_role(name) == "control" else torch.float16
 
 
 def qmax(bits: int) -> int:
@@ -753,9 +777,10 @@ def quantize_rows(w: Tensor, bits: int, clip: Tensor) -> tuple[Tensor, Tensor]:
 
 def export_spec(name: str, t: Tensor, args: Hyperparameters) -> tuple[int, float] | None:
     """(bits, clip sigmas) of a state-dict tensor, or None where it stays float."""
-    if not t.is_floating_point() or t.numel() <= KEEP_FLOAT_MAX_NUMEL or is_control(name):
+    role = param_role(name)  # None: not a parameter's name, exported as a matrix is
+    if not t.is_floating_point() or t.numel() <= KEEP_FLOAT_MAX_NUMEL or role in ("control", "norm_bias"):
         return None
-    if name in EMBEDDING_NAMES:
+    if role in ("embedding", "head"):
         return None if args.embed_bits == 16 else (args.embed_bits, args.embed_clip_sigmas)
     return args.quant_bits, args.matrix_clip_sigmas
 
@@ -1486,22 +1511,17 @@ def setup_distributed() -> tuple[bool, int, int, torch.device]:
 
 
 def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
-    # Muon for the blocks' matrices (and the hash projection); Adam for embeddings, head, gains,
-    # per-layer controls and skip weights.
-    named = [(n, p) for n, p in model.named_parameters()
-             if n.startswith(("stem.", "block.", "decoder_block.", "tail.", "hash_emb.proj.", "controls.", "skip_weights"))]
-    matrices = [p for name, p in named if p.ndim == 2 and not is_control(name)]
-    scalars = [p for name, p in named if p.ndim != 2 or is_control(name)]
+    # Muon for the matrices; Adam for embeddings, head, gains, per-layer controls and skip weights.
+    roles = param_roles(model)
     adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=next(model.parameters()).is_cuda)
     token_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
-    tables = [t.weight for t in (model.hash_emb.bigram, model.hash_emb.trigram) if t is not None] if model.hash_emb else []
-    groups = [([model.tok_emb.weight, *tables], token_lr), (scalars, args.scalar_lr)]
-    if model.lm_head is not None:
-        groups.append(([model.lm_head.weight], args.head_lr))
+    groups = [(roles["embedding"], token_lr), (roles["control"] + roles["norm_bias"], args.scalar_lr)]
+    if roles["head"]:
+        groups.append((roles["head"], args.head_lr))
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], **adam) for params, lr in groups
     ]
-    muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps)
+    muon = Muon(roles["matrix"], lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps)
     muon.param_groups[0]["base_lr"] = args.matrix_lr
     return [muon] + optimizers
 

@@ -56,7 +56,7 @@ def weights_digest(path: Path) -> str:
     """SHA-256 over the sorted digests of the exported float tensors: names may change, values not."""
     import torch
     state = torch.load(path, map_location="cpu", weights_only=True)
-    digests = sorted(hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() + str(tuple(t.shape))
+    digests = sorted(hashlib.sha256(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() + str(tuple(t.shape))
                      for t in state.values())
     return "final_weights sha256:" + hashlib.sha256("".join(digests).encode()).hexdigest()
 
@@ -79,9 +79,10 @@ def run_all(script: Path, names: list[str], work: Path) -> dict[str, list[str]]:
         folder.mkdir(parents=True)
         run_env = {**env, "OMP_NUM_THREADS": "2", **data, **BASE, **CONFIGS[name], "RUN_ID": name}
         done = subprocess.run([sys.executable, str(script)], cwd=folder, env=run_env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"error: {name} failed: {(done.stderr.strip().splitlines() or ['no message'])[-1]}")
-        results[name] = numbers((folder / "logs" / f"{name}.txt").read_text(encoding="utf-8")) + [
+        log = folder / "logs" / f"{name}.txt"
+        if done.returncode != 0 or not log.is_file():
+            raise SystemExit(f"error: {name} failed: {(done.stderr.strip().splitlines() or ['no log'])[-1]}")
+        results[name] = numbers(log.read_text(encoding="utf-8")) + [
             weights_digest(folder / "artifacts" / name / "final_model.pt")]
         print(f"{name}: {len(results[name])} lines", flush=True)
     return results

@@ -242,3 +242,35 @@ def test_hash_embeddings_are_causal_and_start_neutral():
             y2[:, t:] = (y2[:, t:] + 7) % 500 + 2
             # losses at positions < t use inputs and targets up to t only
             assert torch.equal(model(x2, y2, 3)[:, :t], base[:, :t])
+
+
+ROLE_CONFIGS = [{}, {"MOD_CAPACITY": "0.5"}, {"DEQ": "1"}, {"SEED_LORA_RANK": "4", "SEED_LORA_TARGETS": "all"},
+                {"UNET_SKIPS": "1", "UNET_WEIGHTS": "2", "NUM_LAYER_SCHEDULE": "0:4"},
+                {"BIGRAM_TABLE_SIZE": "64", "TRIGRAM_TABLE_SIZE": "64"},
+                {"NUM_STEM_BLOCKS": "1", "NUM_TAIL_BLOCKS": "1", "UNET_SKIPS": "1", "TIE_EMBEDDINGS": "1"}]
+
+
+@pytest.mark.parametrize("config", ROLE_CONFIGS, ids=lambda c: ",".join(c) or "default")
+def test_every_parameter_has_exactly_one_role_and_the_optimizers_follow_it(config):
+    model = tiny_model(**config)
+    roles = {name: train_gpt.param_role(name) for name, _ in model.named_parameters()}
+    assert None not in roles.values()
+    optimizers = train_gpt.build_optimizers(model, model.args)
+    in_muon = {id(p) for p in optimizers[0].param_groups[0]["params"]}
+    in_adam = [id(p) for opt in optimizers[1:] for group in opt.param_groups for p in group["params"]]
+    assert len(in_adam) == len(set(in_adam)) and not in_muon & set(in_adam)
+    for name, p in model.named_parameters():  # each parameter in exactly one optimizer, the one its role names
+        assert (id(p) in in_muon) == (roles[name] == "matrix") and (id(p) in in_muon) != (id(p) in in_adam), name
+        if roles[name] in ("control", "norm_bias"):  # controls stay float in the artifact, whatever their size
+            assert train_gpt.export_spec(name, torch.zeros(100_000), model.args) is None
+            assert train_gpt.passthrough_dtype(name, p) == (torch.float32 if roles[name] == "control" else torch.float16)
+
+
+def test_a_parameter_outside_the_role_table_or_in_two_roles_is_refused(monkeypatch):
+    model = tiny_model()
+    model.register_parameter("atn_scale", torch.nn.Parameter(torch.ones(3)))  # a typo of a control name
+    with pytest.raises(train_gpt.RunError, match="parameter atn_scale has no role"):
+        train_gpt.build_optimizers(model, model.args)
+    monkeypatch.setitem(train_gpt.PARAM_ROLES, "head", r"lm_head\.weight|tok_emb\.weight")
+    with pytest.raises(train_gpt.RunError, match="parameter tok_emb.weight has two roles"):
+        train_gpt.param_roles(tiny_model())
