@@ -923,6 +923,18 @@ def load_artifact(path: str | Path, data: bytes | None = None) -> dict[str, Tens
     return dequantize_state_dict(obj)
 
 
+def export_artifact(state: dict[str, Tensor], args: Hyperparameters, artifact: Path) -> bytes:
+    """Write the float weights (for re-exporting in other formats) and the artifact beside them;
+    return the artifact's bytes."""
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(artifact.with_name("final_model.pt"), buf.getvalue())
+    blob = serialize_artifact(state, args)
+    write_atomic(artifact, blob)
+    return blob
+
+
 def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Load `state` into `model` exactly, or one RunError saying the weights are of another shape."""
     try:
@@ -1026,7 +1038,11 @@ def check_token_ids(files: list[Path], vocab_size: int) -> Callable[[], None]:
     pool = ThreadPoolExecutor(max_workers=4)
     checks = [pool.submit(check_shard_ids, f, vocab_size) for f in files]
     pool.shutdown(wait=False)
-    return lambda: [check.result() for check in checks] and None
+
+    def wait() -> None:
+        for check in checks:
+            check.result()  # re-raises the shard's RunError
+    return wait
 
 
 class TokenStream:
@@ -1574,10 +1590,12 @@ class TrainClock:
         whose steps slow down still stops within about a step of the cap."""
         if self.cap_ms is None:
             return False
-        host_ms = torch.tensor([self.local_ms + 1000.0 * (time.perf_counter() - self.t0)], dtype=torch.float64)
+        host_ms = self.local_ms + 1000.0 * (time.perf_counter() - self.t0)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(host_ms, op=dist.ReduceOp.MAX, group=self.host_group)
-        return host_ms.item() - self.elapsed_ms >= (self.cap_ms - self.elapsed_ms) / 2
+            latest = torch.tensor([host_ms], dtype=torch.float64)
+            dist.all_reduce(latest, op=dist.ReduceOp.MAX, group=self.host_group)
+            host_ms = latest.item()
+        return host_ms - self.elapsed_ms >= (self.cap_ms - self.elapsed_ms) / 2
 
     def begin_phase(self, step: int, depth_ratio: float) -> None:
         # Call right after measure(step). Until the new phase has timed steps, guess from the old one.
@@ -1831,6 +1849,33 @@ class Logger:
             print(msg, file=f)
 
 
+def load_inputs(args: Hyperparameters, device: torch.device) -> tuple[list[Path], Tensor, ByteLUTs]:
+    """Training shards, validation tokens and byte tables, each checked before any expensive work."""
+    if not Path(args.tokenizer_path).is_file():
+        raise RunError(f"TOKENIZER_PATH={args.tokenizer_path} does not exist")
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    if int(sp.vocab_size()) != args.vocab_size:
+        raise RunError(f"VOCAB_SIZE={args.vocab_size} does not match tokenizer vocab_size={int(sp.vocab_size())} "
+                       f"of TOKENIZER_PATH={args.tokenizer_path}")
+    train_files = train_shard_files(args.train_files)
+    val_tokens = load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
+    return train_files, val_tokens, build_byte_luts(sp, args.vocab_size, device)
+
+
+def log_header(log: Logger, code: str, args: Hyperparameters, device: torch.device) -> None:
+    """As the baseline's: the source, the versions (and nvidia-smi), then every setting, sorted."""
+    log(code, console=False)
+    log("=" * 100, console=False)
+    log(f"Running Python {sys.version}", console=False)
+    log(f"Running PyTorch {torch.__version__}", console=False)
+    if device.type == "cuda":
+        smi = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False)
+        log(smi.stdout, console=False)
+    log("=" * 100, console=False)
+    for name, value in sorted(vars(args).items()):
+        log(f"{name}:{value}", console=False)
+
+
 def train_step(model: nn.Module, next_batch: Callable[[], tuple[Tensor, Tensor]], depth: int, accum: int,
                device: torch.device, distributed: bool) -> Tensor:
     """Forward/backward over `accum` micro-batches; returns the mean loss (on device, no sync)."""
@@ -1910,17 +1955,8 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # Tokenizer, validation data and training shards are all checked before any expensive work.
-    if not Path(args.tokenizer_path).is_file():
-        raise RunError(f"TOKENIZER_PATH={args.tokenizer_path} does not exist")
-    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
-    if int(sp.vocab_size()) != args.vocab_size:
-        raise RunError(f"VOCAB_SIZE={args.vocab_size} does not match tokenizer vocab_size={int(sp.vocab_size())} "
-                       f"of TOKENIZER_PATH={args.tokenizer_path}")
-    train_files = train_shard_files(args.train_files)
-    val_tokens = load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
+    train_files, val_tokens, luts = load_inputs(args, device)
     token_ids_checked = check_token_ids(train_files, args.vocab_size)  # waited for before training
-    luts = build_byte_luts(sp, args.vocab_size, device)
     base_model = GPT(args).to(device)
     code_bytes = len(code.encode("utf-8"))  # of the file that runs: pack it to count the packed bytes
     estimate = estimate_artifact_bytes(base_model.state_dict(), args) + code_bytes
@@ -1929,17 +1965,8 @@ def main() -> None:
     # Rank 0 alone reads the checkpoint and prepares the run's files; every rank gets the result.
     ckpt, keep_log_bytes = on_master(master, distributed, lambda: start_run(args, world_size, code))
     log = Logger(args.run_id, master, keep_log_bytes)
-    if keep_log_bytes is None:  # a resumed run continuing its own log has these already
-        log(code, console=False)
-        log("=" * 100, console=False)
-        log(f"Running Python {sys.version}", console=False)
-        log(f"Running PyTorch {torch.__version__}", console=False)
-        if device.type == "cuda":
-            smi = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False)
-            log(smi.stdout, console=False)
-        log("=" * 100, console=False)
-        for name, value in sorted(vars(args).items()):
-            log(f"{name}:{value}", console=False)
+    if keep_log_bytes is None:  # a resumed run continuing its own log has it already
+        log_header(log, code, args, device)
     for warning in setting_warnings(os.environ):
         log(warning)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
@@ -2137,17 +2164,7 @@ def main() -> None:
     # re-exporting in other formats); every rank gets the artifact's bytes and scores the roundtrip.
     fmt = format_name(args)
     artifact = Path("artifacts", args.run_id, f"final_model.int{args.quant_bits}.ptz")
-
-    def export() -> bytes:
-        artifact.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        torch.save(base_model.state_dict(), buf)
-        write_atomic(artifact.with_name("final_model.pt"), buf.getvalue())
-        blob = serialize_artifact(base_model.state_dict(), args)
-        write_atomic(artifact, blob)
-        return blob
-
-    blob = on_master(master, distributed, export)
+    blob = on_master(master, distributed, lambda: export_artifact(base_model.state_dict(), args, artifact))
     model_bytes = len(blob)
     log(f"artifact:{artifact}")
     total = model_bytes + code_bytes
