@@ -536,21 +536,24 @@ def window_forwards(model: nn.Module, tokens: Tensor, windows: np.ndarray, depth
         rows = F.pad(rows, (0, 0, 0, rows_per_batch - rows.size(0)))  # padding rows score nothing
         x, y, mask, pos = window_batch(tokens, rows, seq_len)
         with autocast(tokens.device):
-            nats = model(x, y, depth, None if lora is None else lora.select(rows[:, 3]))
-        yield rows, x, y, mask, pos, torch.where(mask, nats.float(), 0.0)
+            nats, reports = model(x, y, depth, Mode(adapters=None if lora is None else lora.select(rows[:, 3])))
+        yield rows, x, y, mask, pos, torch.where(mask, nats.float(), 0.0), reports
 
 
 def eval_windows(model: nn.Module, tokens: Tensor, windows: np.ndarray, depth: int, seq_len: int, batch: int,
-                 luts: ByteLUTs, lora: LoRA | None = None, per_position: Tensor | None = None) -> Tensor:
+                 luts: ByteLUTs, lora: LoRA | None = None, per_position: Tensor | None = None,
+                 reports: dict[str, Tensor] | None = None) -> Tensor:
     """Sums of (nats, tokens, bytes) over the scored positions of `windows`, under inference mode.
-    `per_position`, if given, receives each scored position's nats."""
+    `per_position`, if given, receives each scored position's nats; `reports` the last batch's reports."""
     sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)
     with torch.inference_mode():
-        for _, x, y, mask, pos, nats in window_forwards(model, tokens, windows, depth, seq_len, batch, lora):
+        for _, x, y, mask, pos, nats, batch_reports in window_forwards(model, tokens, windows, depth, seq_len, batch, lora):
             sums += torch.stack([nats.double().sum(), mask.double().sum(),
                                  (luts.token_bytes(x, y) * mask).double().sum()])
             if per_position is not None:
                 per_position[pos[mask]] = nats[mask].to(per_position.dtype)
+            if reports is not None:
+                reports.update(batch_reports)
     return sums
 
 
@@ -565,7 +568,8 @@ def loss_and_bpb(sums: Tensor) -> tuple[float, float]:
 
 
 def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, depth: int, seq_len: int, stride: int,
-             batch: int, rank: int = 0, world_size: int = 1, per_position: Tensor | None = None) -> tuple[float, float]:
+             batch: int, rank: int = 0, world_size: int = 1, per_position: Tensor | None = None,
+             reports: dict[str, Tensor] | None = None) -> tuple[float, float]:
     """Mean loss (nats) and val_bpb of the whole stream in seq_len windows every `stride` tokens
     (stride = seq_len: the baseline's non-overlapping evaluation), windows split across ranks."""
     n = val_tokens.numel() - 1
@@ -574,7 +578,7 @@ def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, depth: int, s
     was_training = model.training
     model.eval()
     sums = eval_windows(model, tokens, rank_share(windows, rank, world_size), depth, seq_len, batch, luts,
-                        per_position=per_position)
+                        per_position=per_position, reports=reports)
     model.train(was_training)
     return loss_and_bpb(sums)
 
@@ -591,23 +595,36 @@ TTT_SGD_MOMENTUM = 0.9  # PR #549's full-weight TTT
 TTT_GRAD_CLIP = 1.0
 
 
+def adapted_blocks(model: GPT, depth: int) -> list[str]:
+    """The blocks TTT's adapters attach to: every block of the layer plan at `depth`, in plan order."""
+    return list(dict.fromkeys(layer.block for layer in layer_plan(model.args, depth)))
+
+
 class LoRA(nn.Module):
-    # Per-lane rank-r adapters W + B @ A on each shared attention's c_q and c_v and on the head:
-    # A uniform in +-1/sqrt(in), B zero, so adaptation starts exactly at the artifact's model.
-    def __init__(self, model: GPT, lanes: int, rank: int, seed: int):
+    # Per-lane rank-r adapters W + B @ A on the head and on c_q and c_v of every attention of the
+    # blocks the plan runs (adapted_blocks): A uniform in +-1/sqrt(in), B zero, so adaptation starts
+    # exactly at the artifact's model. A shared block has one adapter for all its passes.
+    def __init__(self, model: GPT, depth: int, lanes: int, rank: int, seed: int):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        shapes = {"head": (model.args.model_dim, model.args.vocab_size)}
-        for i, attn in enumerate(model.block.attns):
-            shapes[f"q{i}"], shapes[f"v{i}"] = ((m.in_features, m.out_features) for m in (attn.c_q, attn.c_v))
+        shapes = {("head", "head"): (model.args.model_dim, model.args.vocab_size)}
+        for name in adapted_blocks(model, depth):
+            for i, attn in enumerate(model.block_named(name).attns):
+                for proj, m in ((f"q{i}", attn.c_q), (f"v{i}", attn.c_v)):
+                    shapes[name, proj] = (m.in_features, m.out_features)
+        self.keys = {f"a{k}": target for k, target in enumerate(shapes)}  # parameter names cannot hold "."
         device = model.tok_emb.weight.device
-        self.a = nn.ParameterDict({k: nn.Parameter(((torch.rand(lanes, rank, fan_in, generator=gen) * 2 - 1)
-                                                    / math.sqrt(fan_in)).to(device)) for k, (fan_in, _) in shapes.items()})
-        self.b = nn.ParameterDict({k: nn.Parameter(torch.zeros(lanes, fan_out, rank, device=device))
-                                   for k, (_, fan_out) in shapes.items()})
+        self.a = nn.ParameterDict({k: nn.Parameter(((torch.rand(lanes, rank, shapes[t][0], generator=gen) * 2 - 1)
+                                                    / math.sqrt(shapes[t][0])).to(device)) for k, t in self.keys.items()})
+        self.b = nn.ParameterDict({k: nn.Parameter(torch.zeros(lanes, shapes[t][1], rank, device=device))
+                                   for k, t in self.keys.items()})
 
-    def select(self, lanes: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-        return {k: (self.a[k][lanes], self.b[k][lanes]) for k in self.a}
+    def select(self, lanes: Tensor) -> dict[str, dict[str, tuple[Tensor, Tensor]]]:
+        """The lanes' adapters by block name, then by projection (the head's under "head")."""
+        adapters: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+        for k, (block, proj) in self.keys.items():
+            adapters.setdefault(block, {})[proj] = (self.a[k][lanes], self.b[k][lanes])
+        return adapters
 
 
 def doc_segments(val_tokens: Tensor) -> list[tuple[int, int]]:
@@ -621,7 +638,7 @@ def ttt_train_step(model: nn.Module, params: list[Tensor], tokens: Tensor, windo
                    depth: int, seq_len: int, batch: int, lora: LoRA | None) -> None:
     """Accumulate the gradient of the sum over lanes of each lane's mean loss on its windows
     (this rank's share), then sum it over ranks."""
-    for rows, *_, nats in window_forwards(model, tokens, windows, depth, seq_len, batch, lora):
+    for rows, *_, nats, _ in window_forwards(model, tokens, windows, depth, seq_len, batch, lora):
         (nats / lane_counts[rows[:, 3], None]).sum().backward()
     for p in params:
         if p.grad is None:
@@ -648,7 +665,7 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
     sums = torch.zeros(3, device=device, dtype=torch.float64)
     for first in range(0, len(segments), lanes):
         group = segments[first : first + lanes]
-        lora = None if full else LoRA(base_model, len(group), args.ttt_rank, args.seed + first)
+        lora = None if full else LoRA(base_model, depth, len(group), args.ttt_rank, args.seed + first)
         if full:
             base_model.load_state_dict(snapshot)  # each group starts from the artifact's weights
             params = list(base_model.parameters())
@@ -1255,6 +1272,7 @@ class DepthControls(nn.Module):
     # parameters at shallow depths.
     def __init__(self, rows: int, attn_per_block: int, dim: int, norm_bias: bool, mod: bool):
         super().__init__()
+        self.rows = rows
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(rows, dim), torch.zeros(rows, dim)], dim=1))
         self.attn_scale = nn.Parameter(torch.ones(rows, attn_per_block, dim))
         self.mlp_scale = nn.Parameter(torch.ones(rows, dim))
@@ -1356,6 +1374,57 @@ class HashEmbedding(nn.Module):
         return self.proj(h)
 
 
+class Layer(NamedTuple):
+    """One step of the stack: GPT's block `block` with DepthControls row `row`, run as `kind`."""
+    kind: str  # "block"; "routed" (a Mixture-of-Depths pass) or "solve" (the DEQ fixed point)
+    block: str  # "stem.0", "block" (the shared core), "decoder_block" (UNET_WEIGHTS=2), "tail.0"
+    row: int
+    pop: int = -1  # U-Net: first add skip_weights[pop] times the last kept skip (-1: none)
+    push: bool = False  # U-Net: keep the output as a skip
+
+    def __str__(self) -> str:
+        kind = "" if self.kind == "block" else f":{self.kind}"
+        return f"{'' if self.pop < 0 else f'skip{self.pop}+'}{self.block}@{self.row}{kind}{'>skip' if self.push else ''}"
+
+
+def layer_plan(args: Hyperparameters, depth: int) -> list[Layer]:
+    """The stack at `depth`: the stem's blocks, `depth` passes of the shared core (a DEQ's one solved
+    layer at DEQ_SOLVE), then the tail's blocks, with their control rows, routed passes and skips."""
+    stem, tail = args.num_stem_blocks, args.num_tail_blocks
+    core_rows = 1 if args.deq else args.max_depth  # a DEQ's passes share one row
+    if args.deq:
+        core = [Layer("solve" if depth == DEQ_SOLVE else "block", "block", stem)] * max(depth, 1)
+    else:
+        routed = lambda d: args.mod_capacity > 0 and d % args.mod_every == args.mod_every - 1
+        core = [Layer("routed" if routed(d) else "block", "block", stem + d) for d in range(depth)]
+    plan = ([Layer("block", f"stem.{i}", i) for i in range(stem)] + core
+            + [Layer("block", f"tail.{j}", stem + core_rows + j) for j in range(tail)])
+    if args.unet_skips:  # the first half keeps its outputs; the second adds them back in reverse order
+        half = len(plan) // 2
+        decoder = "decoder_block" if args.unet_weights == 2 else "block"
+        plan = [layer._replace(push=True) if i < half else
+                layer._replace(pop=i - half if i < 2 * half else -1, block=decoder if layer.block == "block" else layer.block)
+                for i, layer in enumerate(plan)]
+    return plan
+
+
+def scheduled_depths(args: Hyperparameters) -> list[int]:
+    """Every depth argument a run passes to the model: the schedule's, and DEQ_SOLVE with DEQ."""
+    return sorted({depth for _, depth in args.layer_schedule} | ({DEQ_SOLVE} if args.deq else set()))
+
+
+def describe_plan(depth: int, plan: list[Layer]) -> str:
+    return f"layer_plan depth:{depth} layers:{len(plan)} " + " ".join(map(str, plan))
+
+
+class Mode(NamedTuple):
+    """How one forward runs, beyond the weights and the depth: passed in, so the model reads no
+    training or export setting."""
+    qat: QAT | None = None  # training's fake quantization
+    training: bool = False  # a layer kind's training variant: top-k routing (and its loss), the training solve
+    adapters: dict[str, dict[str, tuple[Tensor, Tensor]]] | None = None  # TTT's per-sequence LoRA, by block name
+
+
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -1367,82 +1436,81 @@ class GPT(nn.Module):
         self.block = Block(args, seeds)  # the shared core
         self.decoder_block = Block(args, seeds) if args.unet_weights == 2 else None
         self.tail = nn.ModuleList([Block(args, seeds) for _ in range(args.num_tail_blocks)])
-        # Control rows: the stem's, the core's (one per depth; a DEQ's passes share one), the tail's.
-        self.core_rows = 1 if args.deq else args.max_depth
-        self.controls = DepthControls(len(self.stem) + self.core_rows + len(self.tail), args.attn_per_block, args.model_dim,
-                                      args.norm_bias, args.mod_capacity > 0)
+        plans = {depth: layer_plan(args, depth) for depth in scheduled_depths(args)}
+        rows = 1 + max(layer.row for plan in plans.values() for layer in plan)
+        self.controls = DepthControls(rows, args.attn_per_block, args.model_dim, args.norm_bias, args.mod_capacity > 0)
         layers = len(self.stem) + args.max_depth + len(self.tail)
         self.skip_weights = nn.Parameter(torch.ones(layers // 2, args.model_dim)) if args.unet_skips else None
         self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
-        self.register_buffer("qat_gate", torch.zeros(()), persistent=False)
-        self.register_buffer("deq_residual", torch.zeros(()), persistent=False)  # of the last solve
         if args.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=args.tied_embed_init_std)
         for module in self.modules():
             if getattr(module, "_zero_init", False) and isinstance(module, CastedLinear):
                 nn.init.zeros_(module.weight)
+        for depth, plan in plans.items():
+            self.check_plan(depth, plan)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int,
-                lora: dict[str, tuple[Tensor, Tensor]] | None = None, topk_routing: bool | None = None) -> Tensor:
-        """Per-position next-token loss in nats, shape [batch, seq], after the stem, `depth` passes of
-        the core (DEQ_SOLVE: its DEQ fixed point) and the tail, with TTT's per-sequence adapters on
-        the core when `lora` is given. Training adds the Mixture-of-Depths router loss to each
-        position's. Routed passes pick the top-k tokens in training, and by the causal rule
-        otherwise (`topk_routing` overrides)."""
-        args = self.args
-        qat = QAT(self.qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode) \
-            if self.training and args.noisy_qat else None
-        lora = lora or {}
-        topk_routing = self.training if topk_routing is None else topk_routing
+    def block_named(self, name: str) -> Block:
+        part, _, index = name.partition(".")
+        return getattr(self, part)[int(index)] if index else getattr(self, part)
+
+    def check_plan(self, depth: int, plan: list[Layer]) -> None:
+        """Refuse a plan that names a missing block or row, or pops a skip that was never kept."""
+        kept, popped = 0, set()
+        for i, layer in enumerate(plan):
+            problem = (f"row {layer.row} of {self.controls.rows}" if not 0 <= layer.row < self.controls.rows else
+                       f"block {layer.block}" if self.block_named(layer.block) is None else
+                       f"skip {layer.pop} (kept {kept}, popped {sorted(popped)})"
+                       if layer.pop >= 0 and (kept <= len(popped) or layer.pop in popped or layer.pop >= len(self.skip_weights)) else None)
+            if problem:
+                raise RunError(f"{describe_plan(depth, plan)}: layer {i} needs {problem}, which the model does not have")
+            popped |= {layer.pop} - {-1}
+            kept += layer.push
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int, mode: Mode = Mode()) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-position next-token loss in nats, shape [batch, seq], through the layer plan at `depth`,
+        and what its layers report: a Mixture-of-Depths router loss per position to add to training's
+        ("router_loss"), the relative residual of a DEQ solve ("deq_residual")."""
+        args, adapters = self.args, mode.adapters or {}
         x = self.tok_emb(input_ids)
         if self.hash_emb is not None:
             x = x + self.hash_emb(input_ids).to(x.dtype)
         x = x0 = rms_norm(x)
         rope = rotary_tables(input_ids.size(1), args.model_dim // args.num_heads, args.rope_base, input_ids.device)
-        router_loss = torch.zeros_like(input_ids, dtype=torch.float32)
-        solve = args.deq and depth == DEQ_SOLVE
-        stem, core = len(self.stem), 1 if solve else depth
-        layers = stem + core + len(self.tail)
-        encoder = layers // 2 if args.unet_skips else 0  # with one layer, no skips
+        reports: dict[str, Tensor] = {}
         skips: list[Tensor] = []
-        for i in range(layers):
-            if i >= encoder and skips:
-                x = x + self.skip_weights[i - encoder].to(x.dtype) * skips.pop()
-            d = i - stem  # the core's pass
-            if d < 0:
-                x = self.stem[i](x, x0, self.controls.at(i), rope, qat)
-            elif d >= core:
-                x = self.tail[d - core](x, x0, self.controls.at(stem + self.core_rows + d - core), rope, qat)
-            elif solve:
-                x = self.deq_solve(x, rope, qat, lora)
+        for layer in layer_plan(args, depth):
+            if layer.pop >= 0:
+                x = x + self.skip_weights[layer.pop].to(x.dtype) * skips.pop()
+            block, c, lora = self.block_named(layer.block), self.controls.at(layer.row), adapters.get(layer.block)
+            if layer.kind == "routed":
+                x, loss = self.routed_pass(block, x, x0, c, rope, mode, lora)
+                if mode.training:
+                    reports["router_loss"] = reports["router_loss"] + loss if "router_loss" in reports else loss
+            elif layer.kind == "solve":
+                x, reports["deq_residual"] = self.deq_solve(x, c, rope, mode, lora)
             else:
-                c = self.controls.at(stem + (0 if args.deq else d))
-                block = self.decoder_block if self.decoder_block is not None and i >= encoder else self.block
-                if c.router is not None and d % args.mod_every == args.mod_every - 1:
-                    x, loss = self.routed_pass(block, x, x0, c, rope, qat, lora, topk_routing)
-                    router_loss = router_loss + loss
-                else:
-                    x = block(x, x0, c, rope, qat, lora)
-            if i < encoder:
+                x = block(x, x0, c, rope, mode.qat, lora)
+            if layer.push:
                 skips.append(x)
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
-        logits = add_lora(logits, x, lora.get("head"))
+        logits = add_lora(logits, x, adapters.get("head", {}).get("head"))
         logits = args.logit_softcap * torch.tanh(logits.float() / args.logit_softcap)
         nats = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
-        return nats + args.mod_aux_weight * router_loss if self.training else nats
+        return nats, reports
 
     def routed_pass(self, block: Block, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor],
-                    qat: QAT | None, lora: dict, topk: bool) -> tuple[Tensor, Tensor]:
+                    mode: Mode, lora: dict | None) -> tuple[Tensor, Tensor]:
         """One Mixture-of-Depths pass: the chosen tokens get weight * (block update); the rest
-        pass unchanged. Returns the new stream and the router's per-position BCE toward the
-        top-k choice (zero outside training)."""
+        pass unchanged. Returns the new stream and, in training, the router's per-position BCE
+        toward the top-k choice."""
         logits = x.float() @ c.router.float()  # [batch, seq]
         weight = torch.sigmoid(logits)
         seq = x.size(1)
-        if topk:  # the k best of each sequence
+        if mode.training:  # the k best of each sequence
             k = max(1, int(self.args.mod_capacity * seq))
             chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, logits.topk(k, dim=1).indices, True)
         else:  # causal rule: every token decides alone
@@ -1456,25 +1524,25 @@ class GPT(nn.Module):
         gather = idx[..., None].expand(-1, -1, x.size(-1))
         xs = x.gather(1, gather)
         cos, sin = (t[0, 0][idx][:, None] for t in rope)
-        update = block(xs, x0.gather(1, gather), c, (cos, sin), qat, lora) - xs
+        update = block(xs, x0.gather(1, gather), c, (cos, sin), mode.qat, lora) - xs
         x = x.scatter(1, gather, xs + (weight * chosen).gather(1, idx)[..., None].to(x.dtype) * update)
-        if not self.training:
+        if not mode.training:
             return x, torch.zeros_like(logits)
         return x, F.binary_cross_entropy_with_logits(logits, chosen.float(), reduction="none")
 
-    def deq_solve(self, u: Tensor, rope: tuple[Tensor, Tensor], qat: QAT | None, lora: dict) -> Tensor:
+    def deq_solve(self, u: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], mode: Mode,
+                  lora: dict | None) -> tuple[Tensor, Tensor]:
         """The fixed point of z -> block(z, u), u the stem's output (the embedding without a stem),
         found without gradients from z = u, then PHANTOM_STEPS damped steps with them (the unrolled
-        phantom gradient; 1 step at lambda 1 is JFB)."""
-        args, c = self.args, self.controls.at(len(self.stem))
-        f = lambda z: self.block(z, u, c, rope, qat, lora)
+        phantom gradient; 1 step at lambda 1 is JFB). Returns it and the solve's relative residual."""
+        args = self.args
+        f = lambda z: self.block(z, u, c, rope, mode.qat, lora)
         with torch.no_grad():
-            z, residual = anderson(f, u, args.deq_iters if self.training else args.eval_deq_iters, args.anderson_m,
-                                   args.anderson_lambda, args.anderson_beta, args.deq_tol if self.training else 0.0)
-            self.deq_residual.copy_(residual)
+            z, residual = anderson(f, u, args.deq_iters if mode.training else args.eval_deq_iters, args.anderson_m,
+                                   args.anderson_lambda, args.anderson_beta, args.deq_tol if mode.training else 0.0)
         for _ in range(args.phantom_steps):
             z = (1.0 - args.phantom_lambda) * z + args.phantom_lambda * f(z)
-        return z
+        return z, residual
 
 
 # -----------------------------
@@ -1664,8 +1732,8 @@ class TopkRouting(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int, lora=None) -> Tensor:
-        return self.model(input_ids, target_ids, depth, lora, topk_routing=True)
+    def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int, mode: Mode = Mode()) -> tuple[Tensor, dict]:
+        return self.model(input_ids, target_ids, depth, mode._replace(training=True))
 
 
 class EMA:
@@ -1876,28 +1944,38 @@ def log_header(log: Logger, code: str, args: Hyperparameters, device: torch.devi
         log(f"{name}:{value}", console=False)
 
 
-def train_step(model: nn.Module, next_batch: Callable[[], tuple[Tensor, Tensor]], depth: int, accum: int,
-               device: torch.device, distributed: bool) -> Tensor:
-    """Forward/backward over `accum` micro-batches; returns the mean loss (on device, no sync)."""
+def train_step(model: nn.Module, next_batch: Callable[[], tuple[Tensor, Tensor]], depth: int, mode: Mode,
+               args: Hyperparameters, accum: int, device: torch.device, distributed: bool) -> tuple[Tensor, dict]:
+    """Forward/backward over `accum` micro-batches; returns the mean loss (on device, no sync) and
+    the last micro-batch's reports. A Mixture-of-Depths router loss is added to each position's."""
     total = torch.zeros((), device=device)
     for micro in range(accum):
         if distributed:
             model.require_backward_grad_sync = micro == accum - 1
         x, y = next_batch()
         with autocast(device):
-            loss = model(x, y, depth).mean()
+            nats, reports = model(x, y, depth, mode)
+            if "router_loss" in reports:
+                nats = nats + args.mod_aux_weight * reports["router_loss"]
+            loss = nats.mean()
         (loss / accum).backward()
         total += loss.detach()
-    return total / accum
+    return total / accum, reports
 
 
-def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimizers: list, args: Hyperparameters,
-                  world_size: int, device: torch.device, distributed: bool, log: Logger) -> None:
+def training_mode(args: Hyperparameters, qat_gate: Tensor) -> Mode:
+    """The forward of training: QAT's noise (scaled by `qat_gate`, 0 until QAT_START_FRAC) when on."""
+    qat = QAT(qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode) if args.noisy_qat else None
+    return Mode(qat=qat, training=True)
+
+
+def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimizers: list, mode: Mode,
+                  args: Hyperparameters, world_size: int, device: torch.device, distributed: bool, log: Logger) -> None:
     """Compile every scheduled depth (train graph, and the eval graphs of the validation and
     sliding-window batch shapes) on synthetic tokens, then restore the
     initial weights and optimizer state so measured training starts from the true init. Validation
     data is never touched here."""
-    depths = sorted({depth for _, depth in args.layer_schedule} | ({DEQ_SOLVE} if args.deq else set()))
+    depths = scheduled_depths(args)
     accum = grad_accum_steps(world_size)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -1910,7 +1988,7 @@ def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimi
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     steps = max(args.warmup_steps, len(depths))
     for i in range(steps):
-        train_step(model, lambda: synthetic(micro_seqs), depths[i % len(depths)], accum, device, distributed)
+        train_step(model, lambda: synthetic(micro_seqs), depths[i % len(depths)], mode, args, accum, device, distributed)
         for opt in optimizers:
             opt.step()
         for opt in optimizers:
@@ -1984,6 +2062,8 @@ def main() -> None:
     model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False) if distributed else compiled
     optimizers = build_optimizers(base_model, args)
+    qat_gate = torch.zeros((), device=device)  # a tensor, so turning QAT on never recompiles
+    mode = training_mode(args, qat_gate)
     accum = grad_accum_steps(world_size)
     schedule = args.layer_schedule
 
@@ -2010,7 +2090,7 @@ def main() -> None:
     log(f"seed:{args.seed}")
 
     if args.warmup_steps > 0:
-        prime_compile(model, compiled, base_model, optimizers, args, world_size, device, distributed, log)
+        prime_compile(model, compiled, base_model, optimizers, mode, args, world_size, device, distributed, log)
     token_ids_checked()
     graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     peaks: list[tuple[int, int]] = []  # CUDA's (allocated, reserved) peak bytes of the warmup and each phase
@@ -2032,9 +2112,11 @@ def main() -> None:
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     step, depth, stop, next_sync, qat_on = 0, args.depth_at(0), False, 1, False
 
+    eval_reports: dict[str, Tensor] = {}  # of the last validation's last batch
+
     def evaluate_plain() -> tuple[float, float]:  # the baseline's metric, at the current depth
         return evaluate(compiled, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len,
-                        val_batch_seqs(args, world_size), rank, world_size)
+                        val_batch_seqs(args, world_size), rank, world_size, reports=eval_reports)
 
     def sync_clock() -> None:
         if clock.measure(step, nonfinite):
@@ -2056,12 +2138,13 @@ def main() -> None:
         for field in CLOCK_FIELDS:
             setattr(clock, field, ckpt["clock"][field])
         step, depth, next_sync, qat_on = ckpt["step"], ckpt["depth"], ckpt["next_sync"], ckpt["qat_on"]
-        base_model.qat_gate.fill_(float(qat_on))
+        qat_gate.fill_(float(qat_on))
         set_rng_state(ckpt["rng"], device)
         log(f"resumed_from:{ckpt['path']} step:{step} train_time:{clock.elapsed_ms:.0f}ms")
         del ckpt
     log(clock.describe())
     log(f"layer_schedule_advance:step:{step} active_num_layers:{depth}")
+    log(describe_plan(depth, layer_plan(args, depth)))
     clock.resume()
     while True:
         last_step = step == args.iterations or stop
@@ -2083,13 +2166,14 @@ def main() -> None:
             clock.begin_phase(step, args.pass_cost(new_depth) / args.pass_cost(depth))
             depth = new_depth
             log(f"layer_schedule_advance:step:{step} active_num_layers:{depth}")
+            log(describe_plan(depth, layer_plan(args, depth)))
             if args.deq and depth == DEQ_SOLVE:
                 log(f"deq_solve_start step:{step} deq_iters:{args.deq_iters} eval_deq_iters:{args.eval_deq_iters} "
                     f"anderson_m:{args.anderson_m} phantom_steps:{args.phantom_steps}")
             next_sync = step + 1
 
         if args.noisy_qat and not qat_on and clock.progress(step) >= args.qat_start_frac:
-            base_model.qat_gate.fill_(1.0)
+            qat_gate.fill_(1.0)
             qat_on = True
             log(f"qat_start step:{step} mode:{args.qat_mode} grid:int{args.quant_bits}")
         scale = clock.lr_mul(step)
@@ -2098,7 +2182,7 @@ def main() -> None:
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
-        train_loss = train_step(model, next_batch, depth, accum, device, distributed)
+        train_loss, reports = train_step(model, next_batch, depth, mode, args, accum, device, distributed)
         if args.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
         for opt in optimizers:
@@ -2119,7 +2203,7 @@ def main() -> None:
                 if distributed:
                     dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
                     train_loss /= world_size
-                deq = f" deq_residual:{base_model.deq_residual.item():.4f}" if args.deq and depth == DEQ_SOLVE else ""
+                deq = f" deq_residual:{reports['deq_residual'].item():.4f}" if "deq_residual" in reports else ""
                 log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
                     f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / step:.2f}ms{deq}")
         if args.checkpoint_every and step % args.checkpoint_every == 0:
@@ -2139,7 +2223,7 @@ def main() -> None:
 
     log_phase_end()
     if args.deq and depth == DEQ_SOLVE:  # the last solve was the final validation's
-        log(f"deq_residual eval_deq_iters:{args.eval_deq_iters} residual:{base_model.deq_residual.item():.4f}")
+        log(f"deq_residual eval_deq_iters:{args.eval_deq_iters} residual:{eval_reports['deq_residual'].item():.4f}")
     if args.mod_capacity:
         topk_loss, topk_bpb = evaluate(TopkRouting(base_model), val_tokens, luts, depth, args.train_seq_len,
                                        args.train_seq_len, val_batch_seqs(args, world_size), rank, world_size)
