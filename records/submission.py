@@ -1,9 +1,12 @@
-"""Turn finished runs into a challenge submission: statistics, significance, folder, loss curves.
+"""Turn finished runs into a challenge submission: statistics, significance, folder, loss curves;
+write packed or stripped train_gpt.py scripts.
 
     python3 records/submission.py stats logs/seed1.txt logs/seed2.txt logs/seed3.txt --beat 1.9500
     python3 records/submission.py make logs/*.txt --name "Shared Block int6" --author "Ada" --github-id ada \\
         --blurb "..." --beat 1.9500
     python3 records/submission.py plot logs/*.txt -o loss_curve.png
+    python3 records/submission.py strip train_gpt.py -o core.py --keep ttt ema     (or: strip train_gpt.py --list)
+    python3 records/submission.py pack train_gpt.py -o packed/train_gpt.py [--keep ttt ema]
 
 Each log is one run of train_gpt.py (logs/<RUN_ID>.txt, one per seed). The logs must embed the
 same code and the same configuration apart from SEED and RUN_ID; anything else is refused. `make`
@@ -12,6 +15,12 @@ submission.json, a README with the per-seed table and, when matplotlib is instal
 curves. `--beat` takes the previous record's val_loss in nats: the challenge asks for a mean at
 least 0.005 nats lower at p < 0.01, tested here one-sided with the seeds as the sample. Nothing
 read from a log is executed: the launch command's defaults come from the embedded source as text.
+
+`pack` writes a self-extracting, compressed train_gpt.py. `strip` writes a readable one with only
+the core and the optional systems named by --keep (`pack --keep` strips first, then packs). Each
+optional system's lines lie in blocks opened by a line `# >>> NAME` (or `# >>> NAME: text`) and
+closed by `# <<< NAME`; blocks do not nest. A block not kept goes with its markers, a kept one
+loses only its markers; the result must parse as Python.
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import datetime as dt
 import json
 import lzma
 import math
+import os
 import re
 import shlex
 import shutil
@@ -37,6 +47,8 @@ TRACKS = ("track_10min_16mb", "track_non_record_16mb")
 IGNORED_KEYS = ("seed", "run_id")  # may differ between the seeds of one submission
 UNPACKED_LIMIT = 16_000_000  # bytes of readable source a packed script may hold: the artifact cap
 FLOAT = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
+OPENING = re.compile(r"# >>> ([a-z][a-z0-9_]*)(?:: .+)?")  # an optional system's block: its first line
+CLOSING = re.compile(r"# <<< ([a-z][a-z0-9_]*)")  # and its last
 
 
 class SubmissionError(Exception):
@@ -397,6 +409,100 @@ def unpack(code: str) -> str | None:
         raise SubmissionError("the packed code does not unpack to UTF-8 text") from None
 
 
+def marked_blocks(text: str, path: Path) -> list[tuple[str, int, int]]:
+    """The optional systems' blocks in `text`, in order: (NAME, index of the opening marker line, index
+    of the closing one), lines counted from 0 as str.splitlines counts them. A line that mentions a
+    marker and is not one, a nested opening, a closing of another block or none, and a block left
+    open are refused with the line number."""
+    blocks, open_at = [], None  # open_at: (NAME, line index) of the block being read
+    for i, line in enumerate(text.splitlines()):
+        if "# >>>" not in line and "# <<<" not in line:
+            continue
+        where, marker = f"{path}:{i + 1}", line.strip()
+        opening, closing = OPENING.fullmatch(marker), CLOSING.fullmatch(marker)
+        if not (opening or closing):
+            raise SubmissionError(f"{where}: {marker!r} is not a block marker: '# >>> NAME', '# >>> NAME: text' "
+                                  "or '# <<< NAME', NAME of [a-z][a-z0-9_]*")
+        if opening and open_at:
+            raise SubmissionError(f"{where}: block {opening[1]!r} opens inside block {open_at[0]!r} "
+                                  f"(opened on line {open_at[1] + 1}); blocks do not nest")
+        if closing and not open_at:
+            raise SubmissionError(f"{where}: '# <<< {closing[1]}' closes no open block")
+        if closing and closing[1] != open_at[0]:
+            raise SubmissionError(f"{where}: '# <<< {closing[1]}' closes block {open_at[0]!r} "
+                                  f"(opened on line {open_at[1] + 1})")
+        if opening:
+            open_at = (opening[1], i)
+        else:
+            blocks.append((*open_at, i))
+            open_at = None
+    if open_at:
+        raise SubmissionError(f"{path}:{open_at[1] + 1}: block {open_at[0]!r} is never closed")
+    return blocks
+
+
+def kept_summary(keep: list[str], blocks: list[tuple[str, int, int]]) -> str:
+    removed = sorted({name for name, _, _ in blocks} - set(keep))
+    return f"kept: {', '.join(dict.fromkeys(keep)) or 'core only'}; removed: {', '.join(removed) or 'nothing'}"
+
+
+def strip(text: str, keep: list[str], path: Path) -> str:
+    """`text` with only the core and the systems in `keep`: a block not kept goes with its marker
+    lines, a kept one loses only its markers. Where a deletion leaves more than two blank lines in a
+    row they are cut to two, and at the end of the file to none. The result must parse."""
+    blocks = marked_blocks(text, path)
+    present = sorted({name for name, _, _ in blocks})
+    unknown = [name for name in dict.fromkeys(keep) if name not in present]
+    if unknown:
+        raise SubmissionError(f"{path}: no system named {', '.join(unknown)}; "
+                              f"its systems are: {', '.join(present) or 'none'}")
+    drop = set()
+    for name, first, last in blocks:
+        drop.update((first, last) if name in keep else range(first, last + 1))
+    out, blanks, cut = [], [], False  # cut: a line was deleted since the last non-blank line kept
+    for i, line in enumerate(text.splitlines(keepends=True)):
+        if i in drop:
+            cut = True
+        elif line.strip():
+            out += blanks[:2] if cut else blanks
+            out.append(line)
+            blanks, cut = [], False
+        else:
+            blanks.append(line)
+    stripped = "".join(out if cut else out + blanks)
+    try:
+        ast.parse(stripped)
+    except (SyntaxError, ValueError) as e:
+        detail = f"line {e.lineno} of the stripped text: {e.msg}" if isinstance(e, SyntaxError) else str(e)
+        raise SubmissionError(f"{path}: stripped ({kept_summary(keep, blocks)}) it does not parse: {detail}") from None
+    return stripped
+
+
+def systems(text: str, path: Path) -> str:
+    """Each optional system with its number of blocks and lines (markers excluded), then the core."""
+    blocks = marked_blocks(text, path)
+    count = lambda n, what: f"{n:,} {what}{'s' * (n != 1)}"
+    rows = []
+    for name in sorted({name for name, _, _ in blocks}):
+        sizes = [last - first - 1 for other, first, last in blocks if other == name]
+        rows.append(f"{name}: {count(len(sizes), 'block')}, {count(sum(sizes), 'line')}")
+    core = len(text.splitlines()) - sum(last - first + 1 for _, first, last in blocks)
+    return "\n".join([*rows, f"core: {count(core, 'line')}"])
+
+
+def write_atomic(out: Path, text: str, source: Path) -> None:
+    """Write `out` whole or not at all (a temporary file in its folder, then os.replace); never over `source`."""
+    if out.exists() and out.samefile(source):
+        raise SubmissionError(f"--out {out} is the source itself; write elsewhere")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def make(args: argparse.Namespace) -> Path:
     runs = load_runs(args.logs)
     check_compliance(runs, args.track)
@@ -447,8 +553,15 @@ def main(argv: list[str] | None = None) -> None:
     make_p = sub.add_parser("make", help="write records/<track>/<date>_<Name>/")
     plot_p = sub.add_parser("plot", help="loss curves of the logs as a PNG")
     pack_p = sub.add_parser("pack", help="write a self-extracting train_gpt.py to run record seeds with")
-    pack_p.add_argument("source", help="the readable train_gpt.py")
+    strip_p = sub.add_parser("strip", help="write train_gpt.py with only the core and the systems --keep names")
+    for p in (pack_p, strip_p):
+        p.add_argument("source", help="the readable train_gpt.py")
     pack_p.add_argument("-o", "--out", required=True)
+    pack_p.add_argument("--keep", nargs="*", metavar="NAME", help="strip SOURCE to the core and these systems first")
+    target = strip_p.add_mutually_exclusive_group(required=True)
+    target.add_argument("-o", "--out")
+    target.add_argument("--list", action="store_true", help="each system's blocks and lines, nothing written")
+    strip_p.add_argument("--keep", nargs="*", metavar="NAME", default=[], help="the systems to keep (default: none)")
     for p in (stats_p, make_p, plot_p):  # pack takes a source file, not logs
         p.add_argument("logs", nargs="+", help="train_gpt.py logs, one per seed")
     for p in (stats_p, make_p):
@@ -463,16 +576,22 @@ def main(argv: list[str] | None = None) -> None:
     plot_p.add_argument("-o", "--out", default="loss_curve.png")
     args = parser.parse_args(argv)
     try:
-        if args.command == "pack":
-            source = Path(args.source).read_text(encoding="utf-8")
-            packed, out = pack(source), Path(args.out)
-            if out.resolve() == Path(args.source).resolve():
-                raise SubmissionError("--out must not overwrite the readable source")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(packed, encoding="utf-8")
-            tmp.replace(out)
-            print(f"{out}: {len(packed.encode())} bytes (readable source: {len(source.encode())} bytes)")
+        if args.command in ("pack", "strip"):
+            path = Path(args.source)
+            text = path.read_text(encoding="utf-8")
+            if args.command == "strip" and args.list:
+                print(systems(text, path))
+                return
+            source, out = text if args.keep is None else strip(text, args.keep, path), Path(args.out)
+            kept = "" if args.keep is None else kept_summary(args.keep, marked_blocks(text, path))
+            if args.command == "strip":
+                write_atomic(out, source, path)
+                print(f"wrote {out}: {len(source.splitlines()):,} lines, {len(source.encode()):,} bytes ({kept})")
+                return
+            packed = pack(source)
+            write_atomic(out, packed, path)
+            print(f"{out}: {len(packed.encode())} bytes (readable source: {len(source.encode())} bytes"
+                  + (f"; {kept})" if kept else ")"))
             return
         if args.command == "plot":
             plot(load_runs(args.logs), Path(args.out))
