@@ -122,7 +122,7 @@ def model_flops_per_token(env: dict[str, str], depth: int) -> float:
         model = train_gpt.GPT(args)
         x = torch.zeros(1, args.train_seq_len, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
-        model(x, x, depth).mean().backward()
+        model(x, x, depth)[0].mean().backward()
     return counter.get_total_flops() / args.train_seq_len
 
 

@@ -89,11 +89,11 @@ def test_plain_point_computes_the_baseline_model():
     x, y = batch(model.args)
     model.eval()
     with torch.no_grad():
-        ours = model(x, y, 1)
+        ours = model(x, y, 1)[0]
         reference = baseline_loss(as_baseline(model), x, y, heads=4, kv_heads=2)
         assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
         model.tail[3].mlp.proj.weight.mul_(2)  # the last block is the last tail block
-        assert not torch.allclose(model(x, y, 1), reference, atol=1e-3)
+        assert not torch.allclose(model(x, y, 1)[0], reference, atol=1e-3)
 
 
 @pytest.mark.parametrize("weights", ["1", "2"])
@@ -110,7 +110,7 @@ def test_unet_stacks_compile_at_every_core_depth_and_all_learn(weights, stem, ta
     before = counters["stats"]["unique_graphs"]
     for depth in (2, 3, 4):
         model.zero_grad()
-        compiled(x, y, depth).mean().backward()
+        compiled(x, y, depth)[0].mean().backward()
         for module in (*model.stem, model.block, model.decoder_block, *model.tail):
             assert module is None or all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), depth
         rows = model.controls.mlp_scale.grad.abs().sum(dim=1).gt(0).tolist()
@@ -120,7 +120,7 @@ def test_unet_stacks_compile_at_every_core_depth_and_all_learn(weights, stem, ta
     assert counters["stats"]["unique_graphs"] - before == 3
     primed = counters["stats"]["unique_graphs"]
     for depth in (4, 2, 3):
-        compiled(x, y, depth)
+        compiled(x, y, depth)[0]
     assert counters["stats"]["unique_graphs"] == primed
 
 
@@ -132,7 +132,7 @@ def test_core_passes_sit_between_stem_and_tail():
         module.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
     x, y = batch(model.args)
     with torch.no_grad():
-        model(x, y, 3)
+        model(x, y, 3)[0]
     assert order == ["stem0", "stem1", "core", "core", "core", "tail0", "tail1"]
 
 
@@ -145,7 +145,7 @@ def test_deq_core_solves_on_the_stem_output():
     x, y = batch(model.args)
     model.eval()
     with torch.no_grad():
-        model(x, y, train_gpt.DEQ_SOLVE)
+        model(x, y, train_gpt.DEQ_SOLVE)[0]
     assert injections and all(u is stem_out[0] for u in injections)
     assert model.controls.resid_mix.shape[0] == 3  # stem, the one DEQ row, tail
 

@@ -88,13 +88,14 @@ def run_every_path(args: train_gpt.Hyperparameters, ttt_modes: tuple[dict, ...] 
     model = train_gpt.GPT(args)
     model.tok_emb.bfloat16()  # as main() does under bf16 numerics
     optimizers = train_gpt.build_optimizers(model, args)
-    depths = [d for _, d in args.layer_schedule] + ([train_gpt.DEQ_SOLVE] if args.deq else [])
+    depths = train_gpt.scheduled_depths(args)
+    mode = train_gpt.training_mode(args, torch.ones(()))
     g = torch.Generator().manual_seed(1)
     batch = lambda: train_gpt.inputs_and_targets(torch.randint(0, args.vocab_size, (2 * args.train_seq_len + 1,), generator=g),
                                                  args.train_seq_len)
     scores = []
     for depth in depths:
-        scores.append(float(train_gpt.train_step(model, batch, depth, 1, device, False)))
+        scores.append(float(train_gpt.train_step(model, batch, depth, mode, args, 1, device, False)[0]))
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)

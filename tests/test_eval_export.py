@@ -73,7 +73,7 @@ def test_eval_val_matches_a_direct_computation(trained_tokenizer):
     x, y = train_gpt.inputs_and_targets(val, args.train_seq_len)
     model.eval()
     with torch.no_grad():
-        nats = model(x, y, 3).double()
+        nats = model(x, y, 3)[0].double()
     nbytes = luts.token_bytes(x, y).double().sum()
     assert loss == pytest.approx(float(nats.mean()), rel=1e-9)
     assert bpb == pytest.approx(float(nats.sum() / (math.log(2) * nbytes)), rel=1e-9)
@@ -149,10 +149,10 @@ def trained_tiny_model() -> tuple[train_gpt.GPT, torch.Tensor, torch.Tensor]:
     data = pattern.repeat(60)  # a learnable, periodic stream
     x, y = train_gpt.inputs_and_targets(data[: 16 * args.train_seq_len + 1], args.train_seq_len)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.qat_gate.fill_(1.0)
+    mode = train_gpt.training_mode(args, torch.ones(()))
     for _ in range(40):
         opt.zero_grad()
-        model(x, y, 2).mean().backward()
+        model(x, y, 2, mode)[0].mean().backward()
         opt.step()
     model.eval()
     return model, x, y
@@ -170,13 +170,13 @@ def test_artifact_roundtrip_keeps_the_loss(tmp_path, trained, fmt):
     args = tiny_args(MODEL_DIM="128", MLP_MULT="5", NUM_LAYER_SCHEDULE="0:2", **fmt)
     state = model.state_dict()
     with torch.no_grad():
-        pre = float(model(x, y, 2).mean())
+        pre = float(model(x, y, 2)[0].mean())
         path = str(tmp_path / "m.ptz")
         train_gpt.write_atomic(path, train_gpt.serialize_artifact(state, args))
         copy = tiny_model(MODEL_DIM="128", MLP_MULT="5", NUM_LAYER_SCHEDULE="0:2")
         copy.load_state_dict(train_gpt.load_artifact(path), strict=True)
         copy.eval()
-        post = float(copy(x, y, 2).mean())
+        post = float(copy(x, y, 2)[0].mean())
     assert pre < 0.7 * math.log(args.vocab_size)  # it learned something
     assert abs(post - pre) < 0.03 * pre
     assert not any(p.name.startswith("m.ptz.tmp") for p in tmp_path.iterdir())

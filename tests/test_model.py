@@ -44,9 +44,9 @@ def test_depth_controls_are_independent_per_depth():
     x, y = batch(model.args)
     model.eval()
     with torch.no_grad():
-        before = {d: model(x, y, d) for d in (2, 6)}
+        before = {d: model(x, y, d)[0] for d in (2, 6)}
         model.controls.attn_norm_bias[3].add_(0.5)  # the 4th pass: used at depth 6, not at depth 2
-        after = {d: model(x, y, d) for d in (2, 6)}
+        after = {d: model(x, y, d)[0] for d in (2, 6)}
     assert torch.equal(before[2], after[2])
     assert not torch.allclose(before[6], after[6])
 
@@ -62,10 +62,10 @@ def test_compile_every_depth_without_recompiles():
 
     def train_and_eval(depth: int) -> None:
         compiled.train()
-        compiled(x, y, depth).mean().backward()
+        compiled(x, y, depth)[0].mean().backward()
         compiled.eval()
         with torch.inference_mode():
-            compiled(x, y, depth)
+            compiled(x, y, depth)[0]
 
     before = counters["stats"]["unique_graphs"]  # counters are process-wide; reset() keeps them
     for depth in depths:  # priming, as prime_compile does before the clock starts
@@ -124,12 +124,14 @@ def test_qat_runs_under_compile_and_turns_on_without_recompiling(mode):
     x, y = batch(model.args)
     model.eval()
     with torch.no_grad():
-        float_loss = model(x, y, 2)
+        float_loss = model(x, y, 2)[0]
     compiled.train()
-    assert torch.equal(compiled(x, y, 2).detach(), float_loss)  # before QAT_START_FRAC: the float forward
+    gate = torch.zeros(())
+    training = train_gpt.training_mode(model.args, gate)
+    assert torch.equal(compiled(x, y, 2, training)[0].detach(), float_loss)  # before QAT_START_FRAC: the float forward
     graphs = counters["stats"]["unique_graphs"]
-    model.qat_gate.fill_(1.0)
-    first, second = compiled(x, y, 2).detach(), compiled(x, y, 2).detach()
+    gate.fill_(1.0)
+    first, second = compiled(x, y, 2, training)[0].detach(), compiled(x, y, 2, training)[0].detach()
     assert counters["stats"]["unique_graphs"] == graphs
     gap = (first - float_loss).abs().mean()
     assert 1e-4 < gap < 0.05 * float_loss.mean()  # the grid's perturbation, not a different model
@@ -150,8 +152,8 @@ def test_ste_forward_is_the_exported_model_and_gradients_pass_straight_through()
     exported.load_state_dict({**state, **{name: roundtrip[name] for name in matrices}})
     exported.eval()
     model.train()
-    model.qat_gate.fill_(1.0)
-    ste_loss, ref_loss = model(x, y, 2).mean(), exported(x, y, 2).mean()
+    ste_loss = model(x, y, 2, train_gpt.training_mode(model.args, torch.ones(())))[0].mean()
+    ref_loss = exported(x, y, 2)[0].mean()
     assert torch.allclose(ste_loss, ref_loss, rtol=1e-5, atol=1e-6)
     ste_loss.backward()
     ref_loss.backward()
@@ -185,16 +187,16 @@ def test_unet_skip_is_the_encoder_output_added_in_reverse():
     x, y = batch(model.args)
     with torch.no_grad():
         model.skip_weights.zero_()  # zero skip weights: exactly the plain stack
-        assert torch.equal(model(x, y, 4), plain(x, y, 4))
+        assert torch.equal(model(x, y, 4)[0], plain(x, y, 4)[0])
         model.skip_weights[0] = 1.0  # only pass 2 (the first decoder pass) adds a skip
         outputs = []
         hook = model.block.register_forward_hook(lambda m, a, out: outputs.append(out))
-        model(x, y, 4)
+        model(x, y, 4)[0]
         hook.remove()
         # pass 2's input is pass 1's output plus the last stored skip, pass 1's output itself
         inputs = []
         hook = model.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
-        model(x, y, 4)
+        model(x, y, 4)[0]
         hook.remove()
         assert torch.allclose(inputs[2], 2 * outputs[1])
         assert torch.allclose(inputs[3], outputs[2])
@@ -235,13 +237,13 @@ def test_hash_embeddings_are_causal_and_start_neutral():
     x, y = batch(model.args)
     assert torch.equal(fresh.hash_emb(x), torch.zeros(*x.shape, 32))  # zero-initialized projection
     with torch.no_grad():
-        base = model(x, y, 3)
+        base = model(x, y, 3)[0]
         for t in (5, 20):
             x2, y2 = x.clone(), y.clone()
             x2[:, t + 1:] = (x2[:, t + 1:] + 7) % 500 + 2  # inputs after t
             y2[:, t:] = (y2[:, t:] + 7) % 500 + 2
             # losses at positions < t use inputs and targets up to t only
-            assert torch.equal(model(x2, y2, 3)[:, :t], base[:, :t])
+            assert torch.equal(model(x2, y2, 3)[0][:, :t], base[:, :t])
 
 
 ROLE_CONFIGS = [{}, {"MOD_CAPACITY": "0.5"}, {"DEQ": "1"}, {"SEED_LORA_RANK": "4", "SEED_LORA_TARGETS": "all"},
