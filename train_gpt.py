@@ -9,6 +9,12 @@ is compiled before the clock starts, noisy QAT, and an int8+zlib artifact scored
 Launch: `torchrun --standalone --nproc_per_node=8 train_gpt.py`, or `python3 train_gpt.py` for one
 process (CUDA when present, else CPU with gloo; TORCH_COMPILE=0 skips compilation). A record run
 launches the file `records/submission.py pack` writes: a run counts the bytes of the file it runs.
+
+Sections, in the order data flows: hyperparameters, optimizer, data, model, quantization and
+export, evaluation, training; then the optional systems (hash n-gram embeddings, Seed-LoRA,
+Mixture-of-Depths, DEQ, test-time training, EMA, checkpoints), each one marked block, plugged
+into the core by hook lines marked with its name. `records/submission.py strip train_gpt.py -o OUT
+--keep NAME ...` deletes the systems not named, blocks and hooks.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import difflib
 import glob
 import hashlib
 import io
+# >>> seed_lora
 import itertools
+# <<< seed_lora
 import lzma
 import math
 import os
@@ -31,7 +39,7 @@ import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -51,23 +59,36 @@ class RunError(Exception):
 # -----------------------------
 # Every knob is an environment variable read here and nowhere else. Defaults are the PR #1088
 # record: 640 wide, 16 heads (8 KV), MLP x5 with 3 matrices, untied embeddings, vocab 1024,
-# seq 1024, 524,288 tokens/step, depth 2 from step 0 and depth 6 from step 2000.
+# seq 1024, 524,288 tokens/step, depth 2 from step 0 and depth 6 from step 2000. An optional
+# system reads its own knobs: its block appends its reader to EXTENSION_SETTINGS.
+
+EXTENSION_SETTINGS: list[Callable[[Hyperparameters], None]] = []
+
 
 class Hyperparameters:
     def __init__(self, env: Mapping[str, str] = os.environ):
         self._env = env
-        # Data and run identity.
+        for read in (self._run, self._training, self._model, self._optimizer, self._evaluation, self._export):
+            read()
+        for read in EXTENSION_SETTINGS:
+            read(self)
+        del self._env
+
+    def _run(self) -> None:
+        # Data and run identity; validation cadence and batch size (validation always uses the full
+        # fineweb_val split). AUTOCAST=bf16 forces CUDA's numerics (bf16 autocast, bf16 embedding) on
+        # a CPU; auto uses them on CUDA only.
         self.data_path = self._get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         self.tokenizer_path = self._get("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
         self.run_id = self._get("RUN_ID", str(uuid.uuid4()))
         self.seed = self._get("SEED", 1337, "[0,4294967296)")
-
-        # Validation cadence and batch size. Validation always uses the full fineweb_val split.
         self.val_batch_size = self._get("VAL_BATCH_SIZE", 524_288, "[1,)")
         self.val_loss_every = self._get("VAL_LOSS_EVERY", 1000, "[0,)")
         self.train_log_every = self._get("TRAIN_LOG_EVERY", 200, "[0,)")
+        self.torch_compile = self._get("TORCH_COMPILE", True)
+        self.autocast = self._get("AUTOCAST", "auto")
 
-        # Training length.
+    def _training(self) -> None:
         self.iterations = self._get("ITERATIONS", 20000, "[0,)")
         self.warmdown_iters = self._get("WARMDOWN_ITERS", 1200, "[0,)")
         # Step-based warmdown (PR #470), independent of the wallclock: linear from
@@ -81,7 +102,7 @@ class Hyperparameters:
         self.train_seq_len = self._get("TRAIN_SEQ_LEN", 1024, "[1,)")
         self.max_wallclock_seconds = self._get("MAX_WALLCLOCK_SECONDS", 600.0, "[0,)")
 
-        # Model shape.
+    def _model(self) -> None:
         self.vocab_size = self._get("VOCAB_SIZE", 1024, "[2,65536]")
         self.model_dim = self._get("MODEL_DIM", 640, "[1,)")
         self.num_heads = self._get("NUM_HEADS", 16, "[1,)")
@@ -107,42 +128,8 @@ class Hyperparameters:
         # passes in each half their own shared block.
         self.unet_skips = self._get("UNET_SKIPS", False)
         self.unet_weights = self._get("UNET_WEIGHTS", 1, "[1,2]")
-        # DEQ (PR #1783): after DEQ_WARMUP_STEPS of unrolled passes of one map z -> f(z, x) (the
-        # shared block with depth 0's controls), its fixed point is solved without gradients by
-        # Anderson acceleration mixing each token's own history (ANDERSON_M iterates, ridge
-        # ANDERSON_LAMBDA, mixing ANDERSON_BETA) for DEQ_ITERS (EVAL_DEQ_ITERS in evaluation)
-        # iterations, and PHANTOM_STEPS damped steps z <- (1 - PHANTOM_LAMBDA) z + PHANTOM_LAMBDA f(z)
-        # carry the gradient. DEQ_TOL > 0 stops a training solve early (needs TORCH_COMPILE=0).
-        self.deq = self._get("DEQ", False)
-        self.deq_warmup_steps = self._get("DEQ_WARMUP_STEPS", 200, "[0,)")
-        self.deq_iters = self._get("DEQ_ITERS", 8, "[2,)")
-        self.eval_deq_iters = self._get("EVAL_DEQ_ITERS", 16, "[2,)")
-        self.deq_tol = self._get("DEQ_TOL", 0.0, "[0,)")
-        self.anderson_m = self._get("ANDERSON_M", 5, "[1,)")
-        self.anderson_lambda = self._get("ANDERSON_LAMBDA", 1e-4, "[0,)")
-        self.anderson_beta = self._get("ANDERSON_BETA", 1.0, "(0,1]")
-        self.phantom_steps = self._get("PHANTOM_STEPS", 4, "[1,)")
-        self.phantom_lambda = self._get("PHANTOM_LAMBDA", 0.8, "(0,1]")
-        # Mixture-of-Depths: every MOD_EVERY-th pass is routed. In training a per-depth router
-        # picks the top MOD_CAPACITY of each sequence's tokens (0 = off), which pass through the
-        # block in position order, their update scaled by sigmoid(router); the rest skip it. A
-        # BCE loss (MOD_AUX_WEIGHT, added to the training loss) teaches the causal rule that
-        # evaluation uses: a token is processed when its sigmoid(router) > 0.5.
-        self.mod_capacity = self._get("MOD_CAPACITY", 0.0, "[0,1]")
-        self.mod_every = self._get("MOD_EVERY", 2, "[1,)")
-        self.mod_aux_weight = self._get("MOD_AUX_WEIGHT", 0.01, "[0,)")
-        # Seed-LoRA (PR #1783): with SEED_LORA_RANK > 0, the shared block's SEED_LORA_TARGETS
-        # matrices (mlp, attn or all) are frozen random sign maps regenerated from integer seeds
-        # plus trained rank-SEED_LORA_RANK adapters; only adapters, seeds and checksums are stored.
-        self.seed_lora_rank = self._get("SEED_LORA_RANK", 0, "[0,)")
-        self.seed_lora_targets = self._get("SEED_LORA_TARGETS", "mlp")
-        # Hash n-gram embeddings: (previous, current) and (two back, previous, current) input
-        # tokens hashed into tables of HASH_EMBED_DIM, projected and added to the token embedding.
-        self.bigram_table_size = self._get("BIGRAM_TABLE_SIZE", 0, "[0,)")
-        self.trigram_table_size = self._get("TRIGRAM_TABLE_SIZE", 0, "[0,)")
-        self.hash_embed_dim = self._get("HASH_EMBED_DIM", 128, "[1,)")
 
-        # Optimizer.
+    def _optimizer(self) -> None:
         self.embed_lr = self._get("EMBED_LR", 0.6, "[0,)")
         self.head_lr = self._get("HEAD_LR", 0.008, "[0,)")
         self.tied_embed_lr = self._get("TIED_EMBED_LR", 0.05, "[0,)")
@@ -158,31 +145,21 @@ class Hyperparameters:
         self.adam_eps = self._get("ADAM_EPS", 1e-8, "[0,)")
         self.grad_clip_norm = self._get("GRAD_CLIP_NORM", 0.0, "[0,)")
 
-        # Final evaluation, all score-first. Sliding windows of EVAL_SEQ_LEN tokens every EVAL_STRIDE
-        # (0 = off) score only their last EVAL_STRIDE positions. Test-time training (TTT) scores each
-        # TTT_CHUNK_TOKENS chunk of the stream that way, then adapts on it: rank-TTT_RANK LoRA on the
-        # shared attention's q/v and the head with Adam (lora), or every weight with SGD (full); with
-        # TTT_RESET=doc each document starts from the artifact again, TTT_BATCH_DOCS side by side.
+    def _evaluation(self) -> None:
+        # Final evaluation, score-first: sliding windows of EVAL_SEQ_LEN tokens every EVAL_STRIDE
+        # (0 = off) score only their last EVAL_STRIDE positions.
         self.eval_seq_len = self._get("EVAL_SEQ_LEN", self.train_seq_len, "[1,)")
         self.eval_stride = self._get("EVAL_STRIDE", min(64, self.eval_seq_len), "[0,)")
         self.eval_batch_seqs = self._get("EVAL_BATCH_SEQS", 32, "[1,)")
-        self.ttt_enabled = self._get("TTT_ENABLED", False)
-        self.ttt_mode = self._get("TTT_MODE", "lora")
-        self.ttt_reset = self._get("TTT_RESET", "doc")
-        self.ttt_rank = self._get("TTT_RANK", 8, "[1,)")
-        self.ttt_lr = self._get("TTT_LR", 0.01, "[0,)")
-        self.ttt_steps = self._get("TTT_STEPS", 1, "[1,)")
-        self.ttt_chunk_tokens = self._get("TTT_CHUNK_TOKENS", 256, "[1,)")
-        self.ttt_batch_docs = self._get("TTT_BATCH_DOCS", 64, "[1,)")
 
-        # Export and QAT. Matrices become QUANT_BITS-bit codes (8, 7, 6 or 5) with one fp16 step per
-        # row, clipped at the baseline's percentile of |w| or, with MATRIX_CLIP_SIGMAS > 0, at that
-        # many row standard deviations (the records' SDClip); the token embedding and an untied head
-        # use EMBED_BITS and EMBED_CLIP_SIGMAS (EMBED_BITS=16 keeps them fp16). COMPRESSOR: zlib (level
-        # 9), zstd (level 22) or lzma. NOISY_QAT perturbs the quantized matrices from QAT_START_FRAC
-        # of training on: uniform noise of one step of row max / qmax (QAT_MODE=noise, PR #1088),
-        # of one step of the export's grid (grid_noise), or straight-through rounding to that grid
-        # (ste). EMA_DECAY > 0 exports an exponential moving average of the weights.
+    def _export(self) -> None:
+        # Matrices become QUANT_BITS-bit codes (8, 7, 6 or 5) with one fp16 step per row, clipped at
+        # the baseline's percentile of |w| or, with MATRIX_CLIP_SIGMAS > 0, at that many row standard
+        # deviations (the records' SDClip); the token embedding and an untied head use EMBED_BITS and
+        # EMBED_CLIP_SIGMAS (EMBED_BITS=16 keeps them fp16). COMPRESSOR: zlib (level 9), zstd (level
+        # 22) or lzma. NOISY_QAT perturbs the quantized matrices from QAT_START_FRAC of training on:
+        # uniform noise of one step of row max / qmax (QAT_MODE=noise, PR #1088), of one step of the
+        # export's grid (grid_noise), or straight-through rounding to that grid (ste).
         self.quant_bits = self._get("QUANT_BITS", 8)
         self.embed_bits = self._get("EMBED_BITS", 8)
         self.matrix_clip_sigmas = self._get("MATRIX_CLIP_SIGMAS", 0.0, "[0,)")
@@ -191,23 +168,14 @@ class Hyperparameters:
         self.noisy_qat = self._get("NOISY_QAT", True)
         self.qat_mode = self._get("QAT_MODE", "noise")
         self.qat_start_frac = self._get("QAT_START_FRAC", 0.0, "[0,1)")
-        self.ema_decay = self._get("EMA_DECAY", 0.0, "[0,1)")
         # The size estimate (code + weights, as trained to record length) is made before training;
         # a run estimated over the cap by more than the estimate's error is refused (refuse) unless
         # SIZE_CHECK=warn. Either way the artifact is written and scored at the end.
         self.size_check = self._get("SIZE_CHECK", "refuse")
-
-        # Checkpoints: every CHECKPOINT_EVERY steps (0 = never) to checkpoints/{RUN_ID}/step{N}.pt,
-        # the last CHECKPOINT_KEEP kept. RESUME_FROM: a checkpoint path, or "latest" of this RUN_ID.
-        self.checkpoint_every = self._get("CHECKPOINT_EVERY", 0, "[0,)")
-        self.checkpoint_keep = self._get("CHECKPOINT_KEEP", 2, "[1,)")
-        self.resume_from = self._get("RESUME_FROM", "")
-
-        # System. AUTOCAST=bf16 forces CUDA's numerics (bf16 autocast, bf16 embedding) on a CPU; auto
-        # uses them on CUDA only.
-        self.torch_compile = self._get("TORCH_COMPILE", True)
-        self.autocast = self._get("AUTOCAST", "auto")
-        del self._env
+        for name, value, choices in (("QUANT_BITS", self.quant_bits, (5, 6, 7, 8)), ("EMBED_BITS", self.embed_bits, (5, 6, 7, 8, 16)),
+                                     ("COMPRESSOR", self.compressor, COMPRESSORS), ("QAT_MODE", self.qat_mode, ("noise", "grid_noise", "ste")),
+                                     ("AUTOCAST", self.autocast, ("auto", "bf16")), ("SIZE_CHECK", self.size_check, ("refuse", "warn"))):
+            check_choice(name, value, choices)
 
     def _get(self, name: str, default, bounds: str = ""):
         """`name` cast to the type of `default` (a boolean is 0 or 1, a float finite) and, with
@@ -244,20 +212,25 @@ class Hyperparameters:
     def layer_schedule(self) -> list[tuple[int, int]]:
         return parse_layer_schedule(self.num_layer_schedule)
 
-    def depth_at(self, step: int) -> int:
-        """The depth argument of the model at `step`: the schedule's, or DEQ_SOLVE after the DEQ warmup."""
-        if self.deq and step >= self.deq_warmup_steps:
-            return DEQ_SOLVE
-        return depth_at(self.layer_schedule, step)
-
-    def pass_cost(self, depth: int) -> float:
-        # Relative step cost, to guess a new phase's step time: a no-grad solver iteration is about
-        # a third of a pass with its backward.
-        return self.num_stem_blocks + self.num_tail_blocks + (depth or self.deq_iters / 3 + self.phantom_steps)
-
     @property
     def max_depth(self) -> int:
         return max(depth for _, depth in self.layer_schedule)
+
+    def depth_at(self, step: int) -> int:
+        """The depth argument of the model at `step`."""
+        # >>> deq
+        if self.deq and step >= self.deq_warmup_steps:
+            return DEQ_SOLVE
+        # <<< deq
+        return depth_at(self.layer_schedule, step)
+
+    def pass_cost(self, depth: int) -> float:
+        # Relative step cost, to guess a new phase's step time.
+        # >>> deq
+        if self.deq and depth == DEQ_SOLVE:  # a no-grad solver iteration is about a third of a pass with its backward
+            return self.num_stem_blocks + self.num_tail_blocks + self.deq_iters / 3 + self.phantom_steps
+        # <<< deq
+        return self.num_stem_blocks + self.num_tail_blocks + depth
 
     def validate(self, world_size: int = 1, device_type: str = "cpu") -> None:
         """Turn every bad combination, for this world size and device, into one RunError naming the variable."""
@@ -279,21 +252,6 @@ class Hyperparameters:
             raise RunError(f"MLP_MULT={self.mlp_mult} gives an empty MLP")
         if self.eval_stride > self.eval_seq_len:
             raise RunError(f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}: tokens would go unscored")
-        for name, value, choices in (("TTT_MODE", self.ttt_mode, ("lora", "full")), ("TTT_RESET", self.ttt_reset, ("doc", "none")),
-                                     ("QUANT_BITS", self.quant_bits, (5, 6, 7, 8)), ("EMBED_BITS", self.embed_bits, (5, 6, 7, 8, 16)),
-                                     ("COMPRESSOR", self.compressor, COMPRESSORS), ("QAT_MODE", self.qat_mode, ("noise", "grid_noise", "ste")),
-                                     ("SEED_LORA_TARGETS", self.seed_lora_targets, ("mlp", "attn", "all")),
-                                     ("AUTOCAST", self.autocast, ("auto", "bf16")),
-                                     ("SIZE_CHECK", self.size_check, ("refuse", "warn"))):
-            if value not in choices:
-                raise RunError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
-        if self.deq_tol > 0 and self.torch_compile:
-            raise RunError(f"DEQ_TOL={self.deq_tol} stops the solve early by reading the residual on the host, which a "
-                           "compiled graph cannot do: set TORCH_COMPILE=0 or DEQ_TOL=0")
-        if self.deq and (self.unet_skips or self.mod_capacity):
-            raise RunError("DEQ=1 iterates one map to its fixed point: it does not combine with UNET_SKIPS or MOD_CAPACITY")
-        if self.mod_capacity and int(self.mod_capacity * self.train_seq_len) < 1:
-            raise RunError(f"MOD_CAPACITY={self.mod_capacity} must route at least one token of TRAIN_SEQ_LEN")
         if self.warmdown_start_step and self.warmdown_frac:
             raise RunError("set one of WARMDOWN_START_STEP and WARMDOWN_FRAC, not both")
         if self.warmdown_start_step and self.warmdown_start_step >= self.iterations:
@@ -304,16 +262,11 @@ class Hyperparameters:
         if self.unet_weights == 2 and any(not stem < (stem + d + tail) // 2 < stem + d for _, d in self.layer_schedule):
             raise RunError("UNET_WEIGHTS=2 needs core passes in both halves of the stack at every depth of "
                            f"NUM_LAYER_SCHEDULE (with NUM_STEM_BLOCKS={stem} and NUM_TAIL_BLOCKS={tail})")
-        for name, size in (("BIGRAM_TABLE_SIZE", self.bigram_table_size), ("TRIGRAM_TABLE_SIZE", self.trigram_table_size)):
-            if size == 1:
-                raise RunError(f"{name}=1: a table needs at least 2 buckets (one is kept for 'no context')")
         if self.compressor == "zstd":
             try:
                 import zstandard  # noqa: F401
             except ImportError:
                 raise RunError("COMPRESSOR=zstd needs the zstandard package: pip install zstandard") from None
-        if self.ttt_mode == "full" and self.ttt_reset == "doc":
-            raise RunError("TTT_MODE=full adapts one copy of the weights, so it needs TTT_RESET=none")
         if 8 % world_size and world_size % 8:
             raise RunError(f"WORLD_SIZE={world_size} must divide 8 or be a multiple of 8")
         per_micro_step = world_size * grad_accum_steps(world_size) * self.train_seq_len
@@ -322,6 +275,11 @@ class Hyperparameters:
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} does not split into whole TRAIN_SEQ_LEN="
                 f"{self.train_seq_len} sequences over {world_size} rank(s) x {grad_accum_steps(world_size)} micro-steps"
             )
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise RunError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
 
 
 def known_settings() -> set[str]:
@@ -433,8 +391,112 @@ class Muon(torch.optim.Optimizer):
 
 
 # -----------------------------
-# TOKENIZER-AGNOSTIC EVALUATION
+# DATA
 # -----------------------------
+# Shards: 256 little-endian int32 header (magic, version, token count), then uint16 tokens.
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def shard_token_count(file: Path) -> int:
+    """Token count from the header, after checking magic, version and the file size."""
+    header = np.fromfile(file, dtype="<i4", count=HEADER_INTS)
+    if header.size != HEADER_INTS or int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
+        raise RunError(f"{file} is not a shard: bad header (want magic {SHARD_MAGIC}, version {SHARD_VERSION})")
+    expected = 4 * HEADER_INTS + 2 * int(header[2])
+    if file.stat().st_size != expected:
+        raise RunError(f"{file} has {file.stat().st_size} bytes but its header promises {expected}")
+    return int(header[2])
+
+
+def load_data_shard(file: Path) -> Tensor:
+    n = shard_token_count(file)
+    return torch.from_numpy(np.fromfile(file, dtype="<u2", count=n, offset=4 * HEADER_INTS).astype(np.uint16))
+
+
+def train_shard_files(pattern: str) -> list[Path]:
+    files = [Path(p) for p in sorted(glob.glob(pattern))]
+    if not files:
+        raise RunError(f"DATA_PATH has no training shards matching {pattern}")
+    for f in files:
+        if not shard_token_count(f):
+            raise RunError(f"{f} holds no tokens: remove it")
+    return files
+
+
+def check_shard_ids(file: Path, vocab_size: int) -> None:
+    tokens = np.memmap(file, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(shard_token_count(file),))
+    top = int(tokens.max(initial=0))
+    if top >= vocab_size:
+        raise RunError(f"{file} holds token id {top}, not below VOCAB_SIZE={vocab_size}: the shards and the "
+                       "tokenizer do not match")
+
+
+def check_token_ids(files: list[Path], vocab_size: int) -> Callable[[], None]:
+    """Start reading every shard's largest token id in background threads (while the model
+    compiles); the returned function waits for them and refuses a shard made for a larger vocab."""
+    pool = ThreadPoolExecutor(max_workers=4)
+    checks = [pool.submit(check_shard_ids, f, vocab_size) for f in files]
+    pool.shutdown(wait=False)
+
+    def wait() -> None:
+        for check in checks:
+            check.result()  # re-raises the shard's RunError
+    return wait
+
+
+class TokenStream:
+    # Reads shards in order, forever. The next shard loads in a background thread so crossing a
+    # shard boundary never stalls the training step.
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.file_idx, self.pos = 0, 0
+        self.tokens = load_data_shard(files[0])
+        self.next_tokens = self.pool.submit(load_data_shard, files[1 % len(files)])
+
+    def seek(self, file_idx: int, pos: int) -> None:
+        # Continue from a checkpoint's position.
+        self.file_idx, self.pos, self.tokens = file_idx, pos, load_data_shard(self.files[file_idx])
+        self.next_tokens = self.pool.submit(load_data_shard, self.files[(file_idx + 1) % len(self.files)])
+
+    def _advance(self) -> None:
+        self.file_idx = (self.file_idx + 1) % len(self.files)
+        self.tokens, self.pos = self.next_tokens.result(), 0
+        self.next_tokens = self.pool.submit(load_data_shard, self.files[(self.file_idx + 1) % len(self.files)])
+
+    def take(self, n: int) -> Tensor:
+        chunks = []
+        while n > 0:
+            if self.pos >= self.tokens.numel():
+                self._advance()
+            k = min(n, self.tokens.numel() - self.pos)
+            chunks.append(self.tokens[self.pos : self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+class DistributedTokenLoader:
+    # Each micro-step takes one contiguous chunk of the stream and gives each rank a disjoint span,
+    # so any world size sees the same global batch. The extra token lets targets be inputs shifted.
+    def __init__(self, files: list[Path], rank: int, world_size: int, device: torch.device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.stream = TokenStream(files)
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)
+        local = chunk[self.rank * span : (self.rank + 1) * span].to(torch.int64)
+        if self.device.type == "cuda":
+            local = local.pin_memory()
+        return inputs_and_targets(local.to(self.device, non_blocking=True), seq_len)
+
+
+def inputs_and_targets(tokens: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    # Targets are the inputs shifted by one; both are contiguous [n, seq_len] views of one span.
+    return tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
+
+
 # The score is bits per byte of the validation text, so any tokenizer can compete: a token's bytes
 # are the UTF-8 length of its piece without SentencePiece's "▁", plus one for that space unless the
 # previous token is a boundary (control/unknown/unused, e.g. BOS), where no space is printed.
@@ -487,254 +549,392 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tenso
     return tokens[: usable + 1]
 
 
-def val_batch_seqs(args: Hyperparameters, world_size: int) -> int:
-    return max(args.val_batch_size // (world_size * grad_accum_steps(world_size) * args.train_seq_len), 1)
+def load_inputs(args: Hyperparameters, device: torch.device) -> tuple[list[Path], Tensor, ByteLUTs]:
+    """Training shards, validation tokens and byte tables, each checked before any expensive work."""
+    if not Path(args.tokenizer_path).is_file():
+        raise RunError(f"TOKENIZER_PATH={args.tokenizer_path} does not exist")
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    if int(sp.vocab_size()) != args.vocab_size:
+        raise RunError(f"VOCAB_SIZE={args.vocab_size} does not match tokenizer vocab_size={int(sp.vocab_size())} "
+                       f"of TOKENIZER_PATH={args.tokenizer_path}")
+    train_files = train_shard_files(args.train_files)
+    val_tokens = load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
+    return train_files, val_tokens, build_byte_luts(sp, args.vocab_size, device)
 
 
-# Every evaluation scores windows. A window row (start, lo, hi, lane) feeds tokens[start :
-# start + seq_len] to the model and scores only positions lo..hi-1 (position p predicts token
-# p + 1), so a score never sees a token after its target: causality is attention's causal mask,
-# and coverage is the partition of positions into [lo, hi) blocks. Non-overlapping windows are the
-# baseline's evaluation; sliding windows (SlidingWindowEval record) score only the last `stride`
-# positions of each, with at least seq_len - stride tokens of context.
+# -----------------------------
+# MODEL
+# -----------------------------
+# One shared block (the core) is applied `depth` times, between optional unique stem and tail
+# blocks, as the layer plan lists. What differs per layer (pre-norm biases, output scales, residual
+# mixes) lives in DepthControls, one row per layer, passed in at call time: never a flag flipped on
+# the shared module, which torch.compile would constant-fold.
+#
+# Training runs in fp32/bf16, but the artifact only has to be good enough after a roundtrip:
+# matrices become b-bit codes (stored in int8) with one fp16 step per row. QAT trains against the
+# export's grid: `quantize_rows` is the one definition of it.
 
-def window_blocks(floor: int, first_pos: int, end: int, first: int, stride: int, seq_len: int,
-                  lane: int = 0) -> np.ndarray:
-    """[n, 4] windows (start, lo, hi, lane) whose blocks cover positions [first_pos, end): the first
-    block `first` long, then `stride` each, the last one cut at `end`. Each block is scored by the
-    window that ends where it ends, starting no earlier than `floor` (a document's start, for TTT)."""
-    lo = np.concatenate([[first_pos], np.arange(first_pos + first, end, stride, dtype=np.int64)])
-    hi = np.append(lo[1:], end)
-    return np.stack([np.maximum(floor, hi - seq_len), lo, hi, np.full_like(lo, lane)], axis=1)
-
-
-def rank_share(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    n = len(rows)
-    return rows[n * rank // world_size : n * (rank + 1) // world_size]
+KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost more in scales/metadata than they save
+CLIP_Q = 0.9999984  # the baseline's per-row clip percentile of |w|
 
 
-def window_batch(tokens: Tensor, rows: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Inputs, targets, scored-position mask and absolute positions, each [rows, seq_len]."""
-    pos = rows[:, :1] + torch.arange(seq_len, device=rows.device)
-    mask = (pos >= rows[:, 1:2]) & (pos < rows[:, 2:3])
-    return tokens[pos], tokens[pos + 1], mask, pos
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
 
 
-def padded_rows(n: int, batch: int) -> int:
-    # Batches keep one shape for the compiled graph: `batch` rows, or for fewer windows in all the
-    # next power of two (a handful of shapes in all).
-    return batch if n >= batch else 1 << (n - 1).bit_length()
+def row_clip(w: Tensor, sigmas: float, exact: bool = True) -> Tensor:
+    """Per-row clip of |w| for a [rows, cols] `w`. With `sigmas`, that many row standard deviations:
+    the records' SDClip, a choice of step size (12.85 std is often wider than the row). Otherwise the
+    baseline's percentile of |w|, never below 1: rows of small weights share the grid of step 1/qmax
+    (the baseline's 1/127 at int8). QAT (exact=False) takes the row max for the percentile, which
+    below 625k columns lies between the two largest values, within 0.5% of the max."""
+    w = w.detach().float()
+    if sigmas > 0:
+        return sigmas * w.std(dim=1)
+    if not exact:
+        return w.abs().amax(dim=1).clamp_min(1.0)
+    rows_per_call = max(1, 2 ** 24 // w.size(1))  # torch.quantile's input limit
+    return torch.cat([torch.quantile(part.abs(), CLIP_Q, dim=1) for part in w.split(rows_per_call)]).clamp_min(1.0)
 
 
-def window_forwards(model: nn.Module, tokens: Tensor, windows: np.ndarray, depth: int, seq_len: int, batch: int,
-                    lora: LoRA | None):
-    """For each batch of `windows` (rows start, lo, hi, lane): rows, inputs, targets, mask, positions
-    and the per-position nats, zero outside the scored positions."""
-    rows_per_batch = padded_rows(len(windows), batch)
-    for i in range(0, len(windows), rows_per_batch):
-        rows = torch.from_numpy(windows[i : i + rows_per_batch]).to(tokens.device)
-        rows = F.pad(rows, (0, 0, 0, rows_per_batch - rows.size(0)))  # padding rows score nothing
-        x, y, mask, pos = window_batch(tokens, rows, seq_len)
-        with autocast(tokens.device):
-            nats, reports = model(x, y, depth, Mode(adapters=None if lora is None else lora.select(rows[:, 3])))
-        yield rows, x, y, mask, pos, torch.where(mask, nats.float(), 0.0), reports
+def quantize_rows(w: Tensor, bits: int, clip: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes in [-qmax, qmax] (as floats) and the fp16 step of each row: w ~ codes * step."""
+    step = (clip / qmax(bits)).clamp_min(2.0 ** -24).half()  # an all-zero row still gets a step
+    codes = torch.round(w.float().clamp(-clip[:, None], clip[:, None]) / step.float()[:, None])
+    return codes.clamp(-qmax(bits), qmax(bits)), step
 
 
-def eval_windows(model: nn.Module, tokens: Tensor, windows: np.ndarray, depth: int, seq_len: int, batch: int,
-                 luts: ByteLUTs, lora: LoRA | None = None, per_position: Tensor | None = None,
-                 reports: dict[str, Tensor] | None = None) -> Tensor:
-    """Sums of (nats, tokens, bytes) over the scored positions of `windows`, under inference mode.
-    `per_position`, if given, receives each scored position's nats; `reports` the last batch's reports."""
-    sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)
-    with torch.inference_mode():
-        for _, x, y, mask, pos, nats, batch_reports in window_forwards(model, tokens, windows, depth, seq_len, batch, lora):
-            sums += torch.stack([nats.double().sum(), mask.double().sum(),
-                                 (luts.token_bytes(x, y) * mask).double().sum()])
-            if per_position is not None:
-                per_position[pos[mask]] = nats[mask].to(per_position.dtype)
-            if reports is not None:
-                reports.update(batch_reports)
-    return sums
+class QAT(NamedTuple):
+    gate: Tensor  # 0.0 until QAT_START_FRAC, then 1.0: a tensor, so turning QAT on never recompiles
+    bits: int
+    sigmas: float
+    mode: str  # QAT_MODE
 
 
-def loss_and_bpb(sums: Tensor) -> tuple[float, float]:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    nats, count, nbytes = sums.tolist()
-    if not math.isfinite(nats):
-        raise RunError(f"the validation loss is {nats / count}: the model diverged or its evaluation overflowed, "
-                       "so there is no score")
-    return nats / count, nats / (math.log(2.0) * nbytes)
+class CastedLinear(nn.Linear):
+    # fp32 weights for the optimizer, cast to the activation dtype at matmul time. With `qat`, a
+    # weight the export will quantize is perturbed so the shared weights learn to tolerate what
+    # recurrence would otherwise amplify. noise: uniform noise of one step of row max / qmax (PR
+    # #1088's noisy QAT from PR #363, no floor; the gradient reaches w unchanged). grid_noise: one
+    # step of the export's own grid (its clip floor or SDClip). ste: the export's rounded weight
+    # with a straight-through gradient.
+    def forward(self, x: Tensor, qat: QAT | None = None) -> Tensor:
+        w = self.weight
+        if qat is not None and w.numel() > KEEP_FLOAT_MAX_NUMEL:
+            if qat.mode == "noise":
+                step = w.detach().abs().amax(dim=1, keepdim=True) / qmax(qat.bits)
+            else:
+                codes, step = quantize_rows(w.detach(), qat.bits, row_clip(w, qat.sigmas, exact=False))
+                step = step.float()[:, None]
+            delta = codes * step - w.detach() if qat.mode == "ste" else (torch.rand_like(w) - 0.5) * step
+            w = w + qat.gate * delta
+        return F.linear(x, w.to(x.dtype))
 
 
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, depth: int, seq_len: int, stride: int,
-             batch: int, rank: int = 0, world_size: int = 1, per_position: Tensor | None = None,
-             reports: dict[str, Tensor] | None = None) -> tuple[float, float]:
-    """Mean loss (nats) and val_bpb of the whole stream in seq_len windows every `stride` tokens
-    (stride = seq_len: the baseline's non-overlapping evaluation), windows split across ranks."""
-    n = val_tokens.numel() - 1
-    windows = window_blocks(0, 0, n, seq_len, stride, seq_len)
-    tokens = F.pad(val_tokens.to(luts.base_bytes.device, torch.int64), (0, seq_len))
-    was_training = model.training
-    model.eval()
-    sums = eval_windows(model, tokens, rank_share(windows, rank, world_size), depth, seq_len, batch, luts,
-                        per_position=per_position, reports=reports)
-    model.train(was_training)
-    return loss_and_bpb(sums)
+def add_lora(y: Tensor, x: Tensor, lora: tuple[Tensor, Tensor] | None) -> Tensor:
+    # y + x @ A^T @ B^T with one adapter pair per sequence (TTT's per-document LoRA).
+    if lora is None:
+        return y
+    a, b = lora
+    return y + torch.bmm(torch.bmm(x, a.mT.to(x.dtype)), b.mT.to(x.dtype))
 
 
-# Legal test-time training (score-first; see README): the stream, or each document with
-# TTT_RESET=doc, is cut into TTT_CHUNK_TOKENS chunks. A chunk's sliding windows (those whose first
-# scored position lies in it) are scored under inference mode, and only then, unless it is the
-# last chunk, is the chunk trained on: its positions in seq_len windows, context reaching back
-# into already-scored tokens. Documents ("lanes") adapt side by side with their own adapters;
-# Adam's elementwise state keeps lanes independent.
-
-TTT_ADAM_EPS = 1e-10  # the LoRA TTT record's
-TTT_SGD_MOMENTUM = 0.9  # PR #549's full-weight TTT
-TTT_GRAD_CLIP = 1.0
+def rms_norm(x: Tensor, bias: Tensor | None = None) -> Tensor:
+    x = F.rms_norm(x, (x.size(-1),))
+    return x if bias is None else x + bias.to(x.dtype)
 
 
-def adapted_blocks(model: GPT, depth: int) -> list[str]:
-    """The blocks TTT's adapters attach to: every block of the layer plan at `depth`, in plan order."""
-    return list(dict.fromkeys(layer.block for layer in layer_plan(model.args, depth)))
+def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos()[None, None], freqs.sin()[None, None]
 
 
-class LoRA(nn.Module):
-    # Per-lane rank-r adapters W + B @ A on the head and on c_q and c_v of every attention of the
-    # blocks the plan runs (adapted_blocks): A uniform in +-1/sqrt(in), B zero, so adaptation starts
-    # exactly at the artifact's model. A shared block has one adapter for all its passes.
-    def __init__(self, model: GPT, depth: int, lanes: int, rank: int, seed: int):
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+LinearFactory = Callable[[int, int], nn.Module]  # (in_features, out_features) -> a linear of the block
+
+
+class CausalSelfAttention(nn.Module):
+    # GQA with RoPE, q/k RMSNorm and a learned per-head query gain, as in the baseline.
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, linear: LinearFactory):
         super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        shapes = {("head", "head"): (model.args.model_dim, model.args.vocab_size)}
-        for name in adapted_blocks(model, depth):
-            for i, attn in enumerate(model.block_named(name).attns):
-                for proj, m in ((f"q{i}", attn.c_q), (f"v{i}", attn.c_v)):
-                    shapes[name, proj] = (m.in_features, m.out_features)
-        self.keys = {f"a{k}": target for k, target in enumerate(shapes)}  # parameter names cannot hold "."
-        device = model.tok_emb.weight.device
-        self.a = nn.ParameterDict({k: nn.Parameter(((torch.rand(lanes, rank, shapes[t][0], generator=gen) * 2 - 1)
-                                                    / math.sqrt(shapes[t][0])).to(device)) for k, t in self.keys.items()})
-        self.b = nn.ParameterDict({k: nn.Parameter(torch.zeros(lanes, shapes[t][1], rank, device=device))
-                                   for k, t in self.keys.items()})
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        self.c_q = linear(dim, dim)
+        self.c_k = linear(dim, num_kv_heads * self.head_dim)
+        self.c_v = linear(dim, num_kv_heads * self.head_dim)
+        self.proj = linear(dim, dim)
+        self.proj._zero_init = True
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
 
-    def select(self, lanes: Tensor) -> dict[str, dict[str, tuple[Tensor, Tensor]]]:
-        """The lanes' adapters by block name, then by projection (the head's under "head")."""
-        adapters: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
-        for k, (block, proj) in self.keys.items():
-            adapters.setdefault(block, {})[proj] = (self.a[k][lanes], self.b[k][lanes])
-        return adapters
-
-
-def doc_segments(val_tokens: Tensor) -> list[tuple[int, int]]:
-    # Position ranges of documents: each starts at a BOS input; its last position predicts the next BOS.
-    n = val_tokens.numel() - 1
-    starts = sorted({0, *torch.nonzero(val_tokens[:n] == BOS_ID).flatten().tolist()})
-    return list(zip(starts, starts[1:] + [n]))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qat: QAT | None,
+                lora_q: tuple[Tensor, Tensor] | None = None, lora_v: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        bsz, seq_len, dim = x.shape
+        q = add_lora(self.c_q(x, qat), x, lora_q).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x, qat).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = add_lora(self.c_v(x, qat), x, lora_v).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(rms_norm(q), *rope) * self.q_gain.to(x.dtype)[None, :, None, None]
+        k = apply_rotary(rms_norm(k), *rope)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim), qat)
 
 
-def ttt_train_step(model: nn.Module, params: list[Tensor], tokens: Tensor, windows: np.ndarray, lane_counts: Tensor,
-                   depth: int, seq_len: int, batch: int, lora: LoRA | None) -> None:
-    """Accumulate the gradient of the sum over lanes of each lane's mean loss on its windows
-    (this rank's share), then sum it over ranks."""
-    for rows, *_, nats, _ in window_forwards(model, tokens, windows, depth, seq_len, batch, lora):
-        (nats / lane_counts[rows[:, 3], None]).sum().backward()
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+class MLP(nn.Module):
+    # fc -> relu^2 -> (mid -> relu^2) x (layers - 2) -> proj. Two layers give the baseline MLP;
+    # PR #1088 uses three.
+    def __init__(self, dim: int, hidden: int, layers: int, linear: LinearFactory):
+        super().__init__()
+        self.fc = linear(dim, hidden)
+        self.mids = nn.ModuleList([linear(hidden, hidden) for _ in range(layers - 2)])
+        self.proj = linear(hidden, dim)
+        self.proj._zero_init = True
+
+    def forward(self, x: Tensor, qat: QAT | None) -> Tensor:
+        x = torch.relu(self.fc(x, qat)).square()
+        for mid in self.mids:
+            x = torch.relu(mid(x, qat)).square()
+        return self.proj(x, qat)
 
 
-def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: int, val_tokens: Tensor, luts: ByteLUTs,
-             rank: int = 0, world_size: int = 1, per_position: Tensor | None = None) -> tuple[float, float]:
-    """Score-first test-time training over the validation stream; the model is restored afterwards."""
-    n, seq_len, chunk = val_tokens.numel() - 1, args.eval_seq_len, args.ttt_chunk_tokens
-    stride = args.eval_stride or seq_len
-    device = luts.base_bytes.device
-    tokens = F.pad(val_tokens.to(device, torch.int64), (0, seq_len))
-    if args.ttt_reset == "doc":  # longest first, so documents batched together end at about the same time
-        segments, lanes = sorted(doc_segments(val_tokens), key=lambda s: s[0] - s[1]), args.ttt_batch_docs
-    else:
-        segments, lanes = [(0, n)], 1
-    full, was_training = args.ttt_mode == "full", model.training
-    snapshot = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
-    base_model.requires_grad_(full)
-    model.eval()
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
-    for first in range(0, len(segments), lanes):
-        group = segments[first : first + lanes]
-        lora = None if full else LoRA(base_model, depth, len(group), args.ttt_rank, args.seed + first)
-        if full:
-            base_model.load_state_dict(snapshot)  # each group starts from the artifact's weights
-            params = list(base_model.parameters())
-            opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=TTT_SGD_MOMENTUM)
-        else:
-            params = list(lora.parameters())
-            opt = torch.optim.Adam(params, lr=args.ttt_lr, betas=(args.beta1, args.beta2), eps=TTT_ADAM_EPS)
-        # Each lane's scoring windows, grouped by the chunk holding their first scored position.
-        plans = []
-        for lane, (s0, s1) in enumerate(group):
-            scored = window_blocks(s0, s0, s1, seq_len, stride, seq_len, lane)
-            bounds = np.searchsorted((scored[:, 1] - s0) // chunk, np.arange((s1 - s0 - 1) // chunk + 2))
-            plans.append((s0, s1, scored, bounds))
-        for c in range((max(s1 - s0 for s0, s1 in group) - 1) // chunk + 1):
-            score, train = [], []
-            for lane, (s0, s1, scored, bounds) in enumerate(plans):
-                if c + 1 >= len(bounds):
-                    continue  # this document has ended
-                score.append(scored[bounds[c] : bounds[c + 1]])
-                c0, c1 = s0 + c * chunk, min(s0 + (c + 1) * chunk, s1)
-                if c1 < s1:  # never after a document's (or the stream's) last chunk
-                    if c1 > scored[bounds[c + 1] - 1, 2]:
-                        raise RuntimeError(f"TTT would train on unscored positions {c0}..{c1}")
-                    train.append(window_blocks(s0, c0, c1, seq_len, seq_len, seq_len, lane))
-            sums += eval_windows(model, tokens, rank_share(np.concatenate(score), rank, world_size), depth,
-                                 seq_len, args.eval_batch_seqs, luts, lora, per_position)
-            if not train:
+class DepthControl(NamedTuple):
+    resid_mix: Tensor  # [2, dim]: x <- mix[0] * x + mix[1] * x0
+    attn_norm_bias: Tensor | None  # [attn_per_block, dim]
+    attn_scale: Tensor  # [attn_per_block, dim]
+    mlp_norm_bias: Tensor | None  # [dim]
+    mlp_scale: Tensor  # [dim]
+
+
+class DepthControls(nn.Module):
+    # The per-layer parameters of the stack, one row per layer of the plan (see layer_plan). The
+    # pre-norm bias acts as a depth embedding; PR #1088's author found it is what makes one shared
+    # block work. Indexing a row keeps every parameter in the graph, so DDP sees no unused
+    # parameters at shallow depths.
+    def __init__(self, rows: int, attn_per_block: int, dim: int, norm_bias: bool):
+        super().__init__()
+        self.rows = rows
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(rows, dim), torch.zeros(rows, dim)], dim=1))
+        self.attn_scale = nn.Parameter(torch.ones(rows, attn_per_block, dim))
+        self.mlp_scale = nn.Parameter(torch.ones(rows, dim))
+        self.attn_norm_bias = nn.Parameter(torch.zeros(rows, attn_per_block, dim)) if norm_bias else None
+        self.mlp_norm_bias = nn.Parameter(torch.zeros(rows, dim)) if norm_bias else None
+
+    def at(self, row: int) -> DepthControl:
+        get = (lambda p: None if p is None else p[row])
+        return DepthControl(self.resid_mix[row], get(self.attn_norm_bias), self.attn_scale[row],
+                            get(self.mlp_norm_bias), self.mlp_scale[row])
+
+
+class Block(nn.Module):
+    # Residual mix with the embedding, ATTN_PER_BLOCK attention sublayers, then the MLP; each
+    # sublayer is pre-norm with the layer's bias and adds its output times the layer's scale.
+    # `linear(kind)` makes the block's matrices of a kind ("attn", "mlp").
+    def __init__(self, args: Hyperparameters, linear: Callable[[str], LinearFactory]):
+        super().__init__()
+        dim = args.model_dim
+        self.attns = nn.ModuleList([CausalSelfAttention(dim, args.num_heads, args.num_kv_heads, args.qk_gain_init, linear("attn"))
+                                    for _ in range(args.attn_per_block)])
+        self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_layers, linear("mlp"))
+
+    def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], qat: QAT | None,
+                lora: dict[str, tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        lora = lora or {}
+        mix = c.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        for i, attn in enumerate(self.attns):
+            bias = None if c.attn_norm_bias is None else c.attn_norm_bias[i]
+            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, qat, lora.get(f"q{i}"), lora.get(f"v{i}"))
+        return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias), qat)
+
+
+class Layer(NamedTuple):
+    """One step of the stack: GPT's block `block` with DepthControls row `row`, run as `kind`."""
+    kind: str  # "block"; the extensions add "routed" (Mixture-of-Depths) and "solve" (DEQ)
+    block: str  # "stem.0", "block" (the shared core), "decoder_block" (UNET_WEIGHTS=2), "tail.0"
+    row: int
+    pop: int = -1  # U-Net: first add skip_weights[pop] times the last kept skip (-1: none)
+    push: bool = False  # U-Net: keep the output as a skip
+
+    def __str__(self) -> str:
+        kind = "" if self.kind == "block" else f":{self.kind}"
+        return f"{'' if self.pop < 0 else f'skip{self.pop}+'}{self.block}@{self.row}{kind}{'>skip' if self.push else ''}"
+
+
+def layer_plan(args: Hyperparameters, depth: int) -> list[Layer]:
+    """The stack at `depth`: the stem's blocks, `depth` passes of the shared core, then the tail's
+    blocks, with their control rows, kinds and U-Net skips."""
+    stem, tail = args.num_stem_blocks, args.num_tail_blocks
+    core, core_rows = [Layer("block", "block", stem + d) for d in range(depth)], args.max_depth
+    # >>> mod
+    if args.mod_capacity:  # every MOD_EVERY-th pass is routed
+        core = [layer._replace(kind="routed") if d % args.mod_every == args.mod_every - 1 else layer
+                for d, layer in enumerate(core)]
+    # <<< mod
+    # >>> deq
+    if args.deq:  # the passes share one row; at DEQ_SOLVE one solved layer replaces them
+        core, core_rows = [Layer("solve" if depth == DEQ_SOLVE else "block", "block", stem)] * max(depth, 1), 1
+    # <<< deq
+    plan = ([Layer("block", f"stem.{i}", i) for i in range(stem)] + core
+            + [Layer("block", f"tail.{j}", stem + core_rows + j) for j in range(tail)])
+    if args.unet_skips:  # the first half keeps its outputs; the second adds them back in reverse order
+        half = len(plan) // 2
+        decoder = "decoder_block" if args.unet_weights == 2 else "block"
+        plan = [layer._replace(push=True) if i < half else
+                layer._replace(pop=i - half if i < 2 * half else -1, block=decoder if layer.block == "block" else layer.block)
+                for i, layer in enumerate(plan)]
+    return plan
+
+
+def scheduled_depths(args: Hyperparameters) -> list[int]:
+    """Every depth argument a run passes to the model."""
+    depths = {depth for _, depth in args.layer_schedule}
+    # >>> deq
+    depths |= {DEQ_SOLVE} if args.deq else set()
+    # <<< deq
+    return sorted(depths)
+
+
+def describe_plan(depth: int, plan: list[Layer]) -> str:
+    return f"layer_plan depth:{depth} layers:{len(plan)} " + " ".join(map(str, plan))
+
+
+class Mode(NamedTuple):
+    """How one forward runs, beyond the weights and the depth: passed in, so the model reads no
+    training or export setting."""
+    qat: QAT | None = None  # training's fake quantization
+    training: bool = False  # a layer kind's training variant: top-k routing (and its loss), the training solve
+    adapters: dict[str, dict[str, tuple[Tensor, Tensor]]] | None = None  # TTT's per-sequence LoRA, by block name
+
+
+class GPT(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.args = args
+        self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
+        # >>> hash_embed
+        self.hash_emb = HashEmbedding(args) if args.bigram_table_size or args.trigram_table_size else None
+        # <<< hash_embed
+        linear = lambda kind: lambda i, o: CastedLinear(i, o, bias=False)
+        # >>> seed_lora
+        linear = seed_lora_linears(args, linear)
+        # <<< seed_lora
+        self.stem = nn.ModuleList([Block(args, linear) for _ in range(args.num_stem_blocks)])
+        self.block = Block(args, linear)  # the shared core
+        self.decoder_block = Block(args, linear) if args.unet_weights == 2 else None
+        self.tail = nn.ModuleList([Block(args, linear) for _ in range(args.num_tail_blocks)])
+        plans = {depth: layer_plan(args, depth) for depth in scheduled_depths(args)}
+        rows = 1 + max(layer.row for plan in plans.values() for layer in plan)
+        self.controls = DepthControls(rows, args.attn_per_block, args.model_dim, args.norm_bias)
+        # >>> mod
+        if args.mod_capacity:  # each layer's router: a row of the controls
+            self.controls.router = nn.Parameter(torch.zeros(rows, args.model_dim))
+        # <<< mod
+        layers = len(self.stem) + args.max_depth + len(self.tail)
+        self.skip_weights = nn.Parameter(torch.ones(layers // 2, args.model_dim)) if args.unet_skips else None
+        self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
+        if self.lm_head is not None:
+            self.lm_head._zero_init = True
+        if args.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=args.tied_embed_init_std)
+        for module in self.modules():
+            if getattr(module, "_zero_init", False) and isinstance(module, CastedLinear):
+                nn.init.zeros_(module.weight)
+        for depth, plan in plans.items():
+            self.check_plan(depth, plan)
+
+    def block_named(self, name: str) -> Block:
+        part, _, index = name.partition(".")
+        return getattr(self, part)[int(index)] if index else getattr(self, part)
+
+    def check_plan(self, depth: int, plan: list[Layer]) -> None:
+        """Refuse a plan that names a block or control row the model lacks, or pops a skip never kept."""
+        blocks, kept, popped = dict(self.named_modules()), 0, set()
+        for i, layer in enumerate(plan):
+            if not 0 <= layer.row < self.controls.rows:
+                problem = f"control row {layer.row} of {self.controls.rows}"
+            elif not isinstance(blocks.get(layer.block), Block):
+                problem = f"block {layer.block}"
+            elif layer.pop >= 0 and (kept <= len(popped) or layer.pop in popped or layer.pop >= len(self.skip_weights)):
+                problem = f"skip weight {layer.pop} and a kept skip"
+            else:
+                popped |= {layer.pop} - {-1}
+                kept += layer.push
                 continue
-            train_rows = np.concatenate(train)
-            lane_counts = torch.zeros(len(group), device=device).index_add_(
-                0, torch.from_numpy(train_rows[:, 3]).to(device),
-                torch.from_numpy(train_rows[:, 2] - train_rows[:, 1]).float().to(device)).clamp_min(1.0)
-            for _ in range(args.ttt_steps):
-                ttt_train_step(model, params, tokens, rank_share(train_rows, rank, world_size), lane_counts,
-                               depth, seq_len, args.eval_batch_seqs, lora)
-                if full:
-                    torch.nn.utils.clip_grad_norm_(params, TTT_GRAD_CLIP)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-    base_model.load_state_dict(snapshot)
-    base_model.requires_grad_(True)
-    model.train(was_training)
-    return loss_and_bpb(sums)
+            raise RunError(f"{describe_plan(depth, plan)}: layer {i} needs {problem}, which the model does not have")
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int, mode: Mode = Mode()) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-position next-token loss in nats, shape [batch, seq], through the layer plan at `depth`,
+        and what its layers report: a Mixture-of-Depths router loss per position to add to training's
+        ("router_loss"), the relative residual of a DEQ solve ("deq_residual")."""
+        args, adapters = self.args, mode.adapters or {}
+        x = self.tok_emb(input_ids)
+        # >>> hash_embed
+        if self.hash_emb is not None:
+            x = x + self.hash_emb(input_ids).to(x.dtype)
+        # <<< hash_embed
+        x = x0 = rms_norm(x)
+        rope = rotary_tables(input_ids.size(1), args.model_dim // args.num_heads, args.rope_base, input_ids.device)
+        reports: dict[str, Tensor] = {}
+        skips: list[Tensor] = []
+        for layer in layer_plan(args, depth):
+            if layer.pop >= 0:
+                x = x + self.skip_weights[layer.pop].to(x.dtype) * skips.pop()
+            block, c, lora = self.block_named(layer.block), self.controls.at(layer.row), adapters.get(layer.block)
+            if layer.kind == "block":
+                x = block(x, x0, c, rope, mode.qat, lora)
+            # >>> mod
+            if layer.kind == "routed":
+                x, loss = routed_pass(self, block, x, x0, c, self.controls.router[layer.row], rope, mode, lora)
+                if loss is not None:
+                    reports["router_loss"] = reports["router_loss"] + loss if "router_loss" in reports else loss
+            # <<< mod
+            # >>> deq
+            if layer.kind == "solve":
+                x, reports["deq_residual"] = deq_solve(self, x, c, rope, mode, lora)
+            # <<< deq
+            if layer.push:
+                skips.append(x)
+        x = rms_norm(x)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
+        logits = add_lora(logits, x, adapters.get("head", {}).get("head"))
+        logits = args.logit_softcap * torch.tanh(logits.float() / args.logit_softcap)
+        nats = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+        return nats, reports
+
+
+CPU_AUTOCAST = False  # set once by main() from AUTOCAST=bf16, before anything is compiled
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or CPU_AUTOCAST)
 
 
 # -----------------------------
 # QUANTIZATION AND EXPORT
 # -----------------------------
-# Training runs in fp32/bf16, but the artifact only has to be good enough after a roundtrip:
-# matrices become b-bit codes (stored in int8) with one fp16 step per row, the file is compressed,
-# and the score is computed on the dequantized model. Small and per-depth control tensors stay
-# float. QAT trains against the same grid: `quantize_rows` is the one definition of it.
+# The artifact: matrices as b-bit codes with fp16 row steps (the model section's grid), small and
+# per-layer control tensors float, the whole compressed; the score is computed on the dequantized
+# model.
 
 # Every parameter's role, from its name: exactly one pattern matches each (param_roles checks it
-# when the optimizers are built). The optimizers and the export read roles from here alone.
+# when the optimizers are built). The optimizers and the export read roles from here alone; an
+# optional system adds its parameters' patterns.
+BLOCK_MATRIX = r"(stem\.\d+|block|decoder_block|tail\.\d+)\.(attns\.\d+\.(c_q|c_k|c_v|proj)|mlp\.(fc|mids\.\d+|proj))"
 PARAM_ROLES = {
     # Muon at MATRIX_LR; QUANT_BITS codes when large.
-    "matrix": r"(stem\.\d+|block|decoder_block|tail\.\d+)\.(attns\.\d+\.(c_q|c_k|c_v|proj)|mlp\.(fc|mids\.\d+|proj))"
-              r"\.(weight|lora_a|lora_b)|hash_emb\.proj\.weight",
+    "matrix": BLOCK_MATRIX + r"\.weight",
     # Adam at EMBED_LR (TIED_EMBED_LR when tied) and HEAD_LR; EMBED_BITS codes when large.
-    "embedding": r"tok_emb\.weight|hash_emb\.(bigram|trigram)\.weight",
+    "embedding": r"tok_emb\.weight",
     "head": r"lm_head\.weight",
     # Adam at SCALAR_LR; float in the artifact. Controls fp32, as the baseline and PR #1088 store
-    # theirs (the router is a decision boundary, sigmoid > 0.5); norm biases fp16, as PR #1088's.
-    "control": r"controls\.(attn_scale|mlp_scale|resid_mix|router)|skip_weights|(.*\.)?q_gain",
+    # theirs; norm biases fp16, as PR #1088's.
+    "control": r"controls\.(attn_scale|mlp_scale|resid_mix)|skip_weights|(.*\.)?q_gain",
     "norm_bias": r"controls\.(attn|mlp)_norm_bias",
 }
-KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost more in scales/metadata than they save
-CLIP_Q = 0.9999984  # the baseline's per-row clip percentile of |w|
 QUANT_FORMAT = "per_row_v2"
 SIZE_CAP_BYTES = 16_000_000
 TIME_BUDGET_SECONDS = 600  # each of training and evaluation, on 8xH100
@@ -764,32 +964,6 @@ def passthrough_dtype(name: str, t: Tensor) -> torch.dtype:
     if not t.is_floating_point():
         return t.dtype
     return torch.float32 if param_role(name) == "control" else torch.float16
-
-
-def qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
-def row_clip(w: Tensor, sigmas: float, exact: bool = True) -> Tensor:
-    """Per-row clip of |w| for a [rows, cols] `w`. With `sigmas`, that many row standard deviations:
-    the records' SDClip, a choice of step size (12.85 std is often wider than the row). Otherwise the
-    baseline's percentile of |w|, never below 1: rows of small weights share the grid of step 1/qmax
-    (the baseline's 1/127 at int8). QAT (exact=False) takes the row max for the percentile, which
-    below 625k columns lies between the two largest values, within 0.5% of the max."""
-    w = w.detach().float()
-    if sigmas > 0:
-        return sigmas * w.std(dim=1)
-    if not exact:
-        return w.abs().amax(dim=1).clamp_min(1.0)
-    rows_per_call = max(1, 2 ** 24 // w.size(1))  # torch.quantile's input limit
-    return torch.cat([torch.quantile(part.abs(), CLIP_Q, dim=1) for part in w.split(rows_per_call)]).clamp_min(1.0)
-
-
-def quantize_rows(w: Tensor, bits: int, clip: Tensor) -> tuple[Tensor, Tensor]:
-    """Codes in [-qmax, qmax] (as floats) and the fp16 step of each row: w ~ codes * step."""
-    step = (clip / qmax(bits)).clamp_min(2.0 ** -24).half()  # an all-zero row still gets a step
-    codes = torch.round(w.float().clamp(-clip[:, None], clip[:, None]) / step.float()[:, None])
-    return codes.clamp(-qmax(bits), qmax(bits)), step
 
 
 def export_spec(name: str, t: Tensor, args: Hyperparameters) -> tuple[int, float] | None:
@@ -1008,553 +1182,110 @@ def size_verdict(estimate: int, args: Hyperparameters) -> str:
 
 
 # -----------------------------
-# DATA LOADING
+# EVALUATION
 # -----------------------------
-# Shards: 256 little-endian int32 header (magic, version, token count), then uint16 tokens.
 
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-
-
-def shard_token_count(file: Path) -> int:
-    """Token count from the header, after checking magic, version and the file size."""
-    header = np.fromfile(file, dtype="<i4", count=HEADER_INTS)
-    if header.size != HEADER_INTS or int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
-        raise RunError(f"{file} is not a shard: bad header (want magic {SHARD_MAGIC}, version {SHARD_VERSION})")
-    expected = 4 * HEADER_INTS + 2 * int(header[2])
-    if file.stat().st_size != expected:
-        raise RunError(f"{file} has {file.stat().st_size} bytes but its header promises {expected}")
-    return int(header[2])
-
-
-def load_data_shard(file: Path) -> Tensor:
-    n = shard_token_count(file)
-    return torch.from_numpy(np.fromfile(file, dtype="<u2", count=n, offset=4 * HEADER_INTS).astype(np.uint16))
-
-
-def train_shard_files(pattern: str) -> list[Path]:
-    files = [Path(p) for p in sorted(glob.glob(pattern))]
-    if not files:
-        raise RunError(f"DATA_PATH has no training shards matching {pattern}")
-    for f in files:
-        if not shard_token_count(f):
-            raise RunError(f"{f} holds no tokens: remove it")
-    return files
-
-
-def check_shard_ids(file: Path, vocab_size: int) -> None:
-    tokens = np.memmap(file, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(shard_token_count(file),))
-    top = int(tokens.max(initial=0))
-    if top >= vocab_size:
-        raise RunError(f"{file} holds token id {top}, not below VOCAB_SIZE={vocab_size}: the shards and the "
-                       "tokenizer do not match")
-
-
-def check_token_ids(files: list[Path], vocab_size: int) -> Callable[[], None]:
-    """Start reading every shard's largest token id in background threads (while the model
-    compiles); the returned function waits for them and refuses a shard made for a larger vocab."""
-    pool = ThreadPoolExecutor(max_workers=4)
-    checks = [pool.submit(check_shard_ids, f, vocab_size) for f in files]
-    pool.shutdown(wait=False)
-
-    def wait() -> None:
-        for check in checks:
-            check.result()  # re-raises the shard's RunError
-    return wait
-
-
-class TokenStream:
-    # Reads shards in order, forever. The next shard loads in a background thread so crossing a
-    # shard boundary never stalls the training step.
-    def __init__(self, files: list[Path]):
-        self.files = files
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.file_idx, self.pos = 0, 0
-        self.tokens = load_data_shard(files[0])
-        self.next_tokens = self.pool.submit(load_data_shard, files[1 % len(files)])
-
-    def seek(self, file_idx: int, pos: int) -> None:
-        # Continue from a checkpoint's position.
-        self.file_idx, self.pos, self.tokens = file_idx, pos, load_data_shard(self.files[file_idx])
-        self.next_tokens = self.pool.submit(load_data_shard, self.files[(file_idx + 1) % len(self.files)])
-
-    def _advance(self) -> None:
-        self.file_idx = (self.file_idx + 1) % len(self.files)
-        self.tokens, self.pos = self.next_tokens.result(), 0
-        self.next_tokens = self.pool.submit(load_data_shard, self.files[(self.file_idx + 1) % len(self.files)])
-
-    def take(self, n: int) -> Tensor:
-        chunks = []
-        while n > 0:
-            if self.pos >= self.tokens.numel():
-                self._advance()
-            k = min(n, self.tokens.numel() - self.pos)
-            chunks.append(self.tokens[self.pos : self.pos + k])
-            self.pos, n = self.pos + k, n - k
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-
-
-class DistributedTokenLoader:
-    # Each micro-step takes one contiguous chunk of the stream and gives each rank a disjoint span,
-    # so any world size sees the same global batch. The extra token lets targets be inputs shifted.
-    def __init__(self, files: list[Path], rank: int, world_size: int, device: torch.device):
-        self.rank, self.world_size, self.device = rank, world_size, device
-        self.stream = TokenStream(files)
-
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)
-        local = chunk[self.rank * span : (self.rank + 1) * span].to(torch.int64)
-        if self.device.type == "cuda":
-            local = local.pin_memory()
-        return inputs_and_targets(local.to(self.device, non_blocking=True), seq_len)
-
-
-def inputs_and_targets(tokens: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
-    # Targets are the inputs shifted by one; both are contiguous [n, seq_len] views of one span.
-    return tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
-
-
-# -----------------------------
-# MODEL
-# -----------------------------
-# One shared block (the core) is applied `depth` times, between optional unique stem and tail
-# blocks. What differs per layer (pre-norm biases, output scales, residual mixes) lives in
-# DepthControls, one row per layer, passed in at call time: never a flag flipped on the shared
-# module, which torch.compile would constant-fold.
-
-class QAT(NamedTuple):
-    gate: Tensor  # 0.0 until QAT_START_FRAC, then 1.0: a tensor, so turning QAT on never recompiles
-    bits: int
-    sigmas: float
-    mode: str  # QAT_MODE
-
-
-class CastedLinear(nn.Linear):
-    # fp32 weights for the optimizer, cast to the activation dtype at matmul time. With `qat`, a
-    # weight the export will quantize is perturbed so the shared weights learn to tolerate what
-    # recurrence would otherwise amplify. noise: uniform noise of one step of row max / qmax (PR
-    # #1088's noisy QAT from PR #363, no floor; the gradient reaches w unchanged). grid_noise: one
-    # step of the export's own grid (its clip floor or SDClip). ste: the export's rounded weight
-    # with a straight-through gradient.
-    def forward(self, x: Tensor, qat: QAT | None = None) -> Tensor:
-        w = self.weight
-        if qat is not None and w.numel() > KEEP_FLOAT_MAX_NUMEL:
-            if qat.mode == "noise":
-                step = w.detach().abs().amax(dim=1, keepdim=True) / qmax(qat.bits)
-            else:
-                codes, step = quantize_rows(w.detach(), qat.bits, row_clip(w, qat.sigmas, exact=False))
-                step = step.float()[:, None]
-            delta = codes * step - w.detach() if qat.mode == "ste" else (torch.rand_like(w) - 0.5) * step
-            w = w + qat.gate * delta
-        return F.linear(x, w.to(x.dtype))
-
-
-def seeded_signs(rows: int, cols: int, seed: int) -> tuple[Tensor, int]:
-    """A random +-1/sqrt(cols) matrix from its own CPU generator (integer draws only, so the same
-    on every machine and device) and a checksum of its signs."""
-    signs = torch.randint(0, 2, (rows, cols), generator=torch.Generator().manual_seed(seed), dtype=torch.int8) * 2 - 1
-    checksum = int.from_bytes(hashlib.sha256(signs.numpy().tobytes()).digest()[:8], "little", signed=True)
-    return signs.float() / math.sqrt(cols), checksum
-
-
-class SeedLoRALinear(nn.Module):
-    # W = R(seed) + B @ A: R is regenerated, never stored (a non-persistent buffer); the seed and a
-    # checksum of R are. B starts at zero, so training starts from the random map. Loading
-    # regenerates R and refuses a checksum that does not match.
-    def __init__(self, in_features: int, out_features: int, rank: int, seed: int):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        random_map, checksum = seeded_signs(out_features, in_features, seed)
-        self.register_buffer("random_map", random_map, persistent=False)
-        self.register_buffer("seed", torch.tensor(seed))
-        self.register_buffer("checksum", torch.tensor(checksum))
-        self.lora_a = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
-        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
-
-    def forward(self, x: Tensor, qat: QAT | None = None) -> Tensor:
-        return F.linear(x, (self.random_map + self.lora_b @ self.lora_a).to(x.dtype))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        seed, checksum = state_dict.get(prefix + "seed"), state_dict.get(prefix + "checksum")
-        shapes = [getattr(state_dict.get(prefix + k), "shape", None) for k in ("lora_a", "lora_b")]
-        if seed is not None and checksum is not None and shapes == [self.lora_a.shape, self.lora_b.shape]:
-            random_map, expected = seeded_signs(self.out_features, self.in_features, int(seed))
-            if int(checksum) != expected:
-                raise RunError(f"{prefix}random_map: regenerating seed {int(seed)} gives checksum {expected}, "
-                               f"the weights say {int(checksum)}")
-            self.random_map.copy_(random_map)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def add_lora(y: Tensor, x: Tensor, lora: tuple[Tensor, Tensor] | None) -> Tensor:
-    # y + x @ A^T @ B^T with one adapter pair per sequence (TTT's per-document LoRA).
-    if lora is None:
-        return y
-    a, b = lora
-    return y + torch.bmm(torch.bmm(x, a.mT.to(x.dtype)), b.mT.to(x.dtype))
-
-
-def rms_norm(x: Tensor, bias: Tensor | None = None) -> Tensor:
-    x = F.rms_norm(x, (x.size(-1),))
-    return x if bias is None else x + bias.to(x.dtype)
-
-
-def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return freqs.cos()[None, None], freqs.sin()[None, None]
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
-
-LinearFactory = Callable[[int, int], nn.Module]  # (in_features, out_features) -> a linear of the block
-
-
-class CausalSelfAttention(nn.Module):
-    # GQA with RoPE, q/k RMSNorm and a learned per-head query gain, as in the baseline.
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, linear: LinearFactory):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
-        self.c_q = linear(dim, dim)
-        self.c_k = linear(dim, num_kv_heads * self.head_dim)
-        self.c_v = linear(dim, num_kv_heads * self.head_dim)
-        self.proj = linear(dim, dim)
-        self.proj._zero_init = True
-        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
-
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qat: QAT | None,
-                lora_q: tuple[Tensor, Tensor] | None = None, lora_v: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        bsz, seq_len, dim = x.shape
-        q = add_lora(self.c_q(x, qat), x, lora_q).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x, qat).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = add_lora(self.c_v(x, qat), x, lora_v).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(rms_norm(q), *rope) * self.q_gain.to(x.dtype)[None, :, None, None]
-        k = apply_rotary(rms_norm(k), *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim), qat)
-
-
-class MLP(nn.Module):
-    # fc -> relu^2 -> (mid -> relu^2) x (layers - 2) -> proj. Two layers give the baseline MLP;
-    # PR #1088 uses three.
-    def __init__(self, dim: int, hidden: int, layers: int, linear: LinearFactory):
-        super().__init__()
-        self.fc = linear(dim, hidden)
-        self.mids = nn.ModuleList([linear(hidden, hidden) for _ in range(layers - 2)])
-        self.proj = linear(hidden, dim)
-        self.proj._zero_init = True
-
-    def forward(self, x: Tensor, qat: QAT | None) -> Tensor:
-        x = torch.relu(self.fc(x, qat)).square()
-        for mid in self.mids:
-            x = torch.relu(mid(x, qat)).square()
-        return self.proj(x, qat)
-
-
-class DepthControl(NamedTuple):
-    resid_mix: Tensor  # [2, dim]: x <- mix[0] * x + mix[1] * x0
-    attn_norm_bias: Tensor | None  # [attn_per_block, dim]
-    attn_scale: Tensor  # [attn_per_block, dim]
-    mlp_norm_bias: Tensor | None  # [dim]
-    mlp_scale: Tensor  # [dim]
-    router: Tensor | None  # [dim]: Mixture-of-Depths router of a routed pass
-
-
-class DepthControls(nn.Module):
-    # The per-layer parameters of the stack, one row per stem block, core depth and tail block. The
-    # pre-norm bias acts as a depth embedding; PR #1088's author found it is what makes one shared
-    # block work. Indexing a row keeps every parameter in the graph, so DDP sees no unused
-    # parameters at shallow depths.
-    def __init__(self, rows: int, attn_per_block: int, dim: int, norm_bias: bool, mod: bool):
-        super().__init__()
-        self.rows = rows
-        self.resid_mix = nn.Parameter(torch.stack([torch.ones(rows, dim), torch.zeros(rows, dim)], dim=1))
-        self.attn_scale = nn.Parameter(torch.ones(rows, attn_per_block, dim))
-        self.mlp_scale = nn.Parameter(torch.ones(rows, dim))
-        self.attn_norm_bias = nn.Parameter(torch.zeros(rows, attn_per_block, dim)) if norm_bias else None
-        self.mlp_norm_bias = nn.Parameter(torch.zeros(rows, dim)) if norm_bias else None
-        self.router = nn.Parameter(torch.zeros(rows, dim)) if mod else None
-
-    def at(self, row: int) -> DepthControl:
-        get = (lambda p: None if p is None else p[row])
-        return DepthControl(self.resid_mix[row], get(self.attn_norm_bias), self.attn_scale[row],
-                            get(self.mlp_norm_bias), self.mlp_scale[row], get(self.router))
-
-
-class Block(nn.Module):
-    # Residual mix with the embedding, ATTN_PER_BLOCK attention sublayers, then the MLP; each
-    # sublayer is pre-norm with the layer's bias and adds its output times the layer's scale.
-    def __init__(self, args: Hyperparameters, seeds: Iterator[int]):
-        super().__init__()
-        dim, rank, targets = args.model_dim, args.seed_lora_rank, args.seed_lora_targets
-        factory = lambda kind: lambda i, o: SeedLoRALinear(i, o, rank, next(seeds)) \
-            if rank and targets in (kind, "all") else CastedLinear(i, o, bias=False)
-        self.attns = nn.ModuleList([CausalSelfAttention(dim, args.num_heads, args.num_kv_heads, args.qk_gain_init, factory("attn"))
-                                    for _ in range(args.attn_per_block)])
-        self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_layers, factory("mlp"))
-
-    def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], qat: QAT | None,
-                lora: dict[str, tuple[Tensor, Tensor]] | None = None) -> Tensor:
-        lora = lora or {}
-        mix = c.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        for i, attn in enumerate(self.attns):
-            bias = None if c.attn_norm_bias is None else c.attn_norm_bias[i]
-            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, qat, lora.get(f"q{i}"), lora.get(f"v{i}"))
-        return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias), qat)
-
-
-DEQ_SOLVE = 0  # the depth argument that asks a DEQ model for its fixed point
-
-
-def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, iters: int, m: int, lam: float, beta: float,
-             tol: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Fixed point of f (on [batch, seq, dim]) by Anderson acceleration, each token mixing only
-    its own last m iterates: alpha = argmin |G^T a|^2 + lam |a|^2 with sum(a) = 1 over the
-    residuals G = f(x_i) - x_i, then x <- beta sum a_i f(x_i) + (1 - beta) sum a_i x_i. With a
-    causal f, position t never depends on a later one. Returns f of the last iterate and the
-    relative residual |f(z) - z| / |f(z)| there. m = 1 is plain iteration. History, Gram matrix,
-    solve and mixing are fp32 with autocast off (f itself runs under the caller's autocast): in
-    bf16 the Gram matrix's rounding error would swamp the ridge."""
-    shape, dtype, device = z0.shape, z0.dtype, z0.device
-    tokens = lambda z: z.reshape(-1, 1, shape[-1]).float()
-    xs, fs = [tokens(z0)], [tokens(f(z0))]
-    ones = torch.ones(xs[0].size(0), m, 1, device=device)
-    for k in range(1, iters):
-        n = min(k, m)
-        with torch.autocast(device.type, enabled=False):
-            X, Fx = torch.cat(xs[-n:], 1), torch.cat(fs[-n:], 1)  # [tokens, n, dim]
-            G = Fx - X
-            gram = G @ G.mT + lam * torch.eye(n, device=device)
-            alpha = torch.linalg.solve_ex(gram, ones[:, :n])[0]
-            alpha = alpha / alpha.sum(dim=1, keepdim=True)
-            x = beta * (alpha.mT @ Fx) + (1.0 - beta) * (alpha.mT @ X)
-        xs, fs = xs[-m + 1:] + [x], fs[-m + 1:] + [tokens(f(x.reshape(shape).to(dtype)))]
-        if tol > 0 and not torch.compiler.is_compiling() and float(relative_residual(xs[-1], fs[-1])) < tol:
-            break
-    return fs[-1].reshape(shape).to(dtype), relative_residual(xs[-1], fs[-1])
-
-
-def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
-    with torch.autocast(z.device.type, enabled=False):
-        return (fz - z).norm() / fz.norm().clamp_min(1e-12)
-
-
-def ngram_buckets(ids: Tensor, n: int, size: int) -> Tensor:
-    """Bucket of the n-gram of input tokens ending at each position, in [0, size - 2]; size - 1
-    where the n-1 tokens before it are not all in the position's document (a BOS, at the
-    position or after the earliest of them, starts a new one; the sequence start has none).
-    The key never includes a later token, least of all the one being predicted."""
-    key, valid = ids.long(), torch.ones_like(ids, dtype=torch.bool)
-    bos, positions = ids == BOS_ID, torch.arange(ids.size(-1), device=ids.device)
-    for back, multiplier in zip(range(1, n), (36_313, 27_191)):
-        valid = valid & (positions >= back) & ~F.pad(bos, (back - 1, 0))[..., : ids.size(-1)]
-        key = key * multiplier + F.pad(ids.long(), (back, 0))[..., : ids.size(-1)]
-    return torch.where(valid, key % (size - 1), size - 1)
-
-
-class HashEmbedding(nn.Module):
-    # Bigram and trigram tables (PR #470, the records' BigramHash), projected to the model width
-    # by a zero-initialized matrix, so training starts from the plain token embedding.
-    def __init__(self, args: Hyperparameters):
-        super().__init__()
-        self.bigram = nn.Embedding(args.bigram_table_size, args.hash_embed_dim) if args.bigram_table_size else None
-        self.trigram = nn.Embedding(args.trigram_table_size, args.hash_embed_dim) if args.trigram_table_size else None
-        self.proj = CastedLinear(args.hash_embed_dim, args.model_dim, bias=False)
-        self.proj._zero_init = True
-
-    def forward(self, ids: Tensor) -> Tensor:
-        tables = [(n, t) for n, t in ((2, self.bigram), (3, self.trigram)) if t is not None]
-        h = sum(table(ngram_buckets(ids, n, table.num_embeddings)) for n, table in tables)
-        return self.proj(h)
-
-
-class Layer(NamedTuple):
-    """One step of the stack: GPT's block `block` with DepthControls row `row`, run as `kind`."""
-    kind: str  # "block"; "routed" (a Mixture-of-Depths pass) or "solve" (the DEQ fixed point)
-    block: str  # "stem.0", "block" (the shared core), "decoder_block" (UNET_WEIGHTS=2), "tail.0"
-    row: int
-    pop: int = -1  # U-Net: first add skip_weights[pop] times the last kept skip (-1: none)
-    push: bool = False  # U-Net: keep the output as a skip
-
-    def __str__(self) -> str:
-        kind = "" if self.kind == "block" else f":{self.kind}"
-        return f"{'' if self.pop < 0 else f'skip{self.pop}+'}{self.block}@{self.row}{kind}{'>skip' if self.push else ''}"
-
-
-def layer_plan(args: Hyperparameters, depth: int) -> list[Layer]:
-    """The stack at `depth`: the stem's blocks, `depth` passes of the shared core (a DEQ's one solved
-    layer at DEQ_SOLVE), then the tail's blocks, with their control rows, routed passes and skips."""
-    stem, tail = args.num_stem_blocks, args.num_tail_blocks
-    core_rows = 1 if args.deq else args.max_depth  # a DEQ's passes share one row
-    if args.deq:
-        core = [Layer("solve" if depth == DEQ_SOLVE else "block", "block", stem)] * max(depth, 1)
-    else:
-        routed = lambda d: args.mod_capacity > 0 and d % args.mod_every == args.mod_every - 1
-        core = [Layer("routed" if routed(d) else "block", "block", stem + d) for d in range(depth)]
-    plan = ([Layer("block", f"stem.{i}", i) for i in range(stem)] + core
-            + [Layer("block", f"tail.{j}", stem + core_rows + j) for j in range(tail)])
-    if args.unet_skips:  # the first half keeps its outputs; the second adds them back in reverse order
-        half = len(plan) // 2
-        decoder = "decoder_block" if args.unet_weights == 2 else "block"
-        plan = [layer._replace(push=True) if i < half else
-                layer._replace(pop=i - half if i < 2 * half else -1, block=decoder if layer.block == "block" else layer.block)
-                for i, layer in enumerate(plan)]
-    return plan
-
-
-def scheduled_depths(args: Hyperparameters) -> list[int]:
-    """Every depth argument a run passes to the model: the schedule's, and DEQ_SOLVE with DEQ."""
-    return sorted({depth for _, depth in args.layer_schedule} | ({DEQ_SOLVE} if args.deq else set()))
-
-
-def describe_plan(depth: int, plan: list[Layer]) -> str:
-    return f"layer_plan depth:{depth} layers:{len(plan)} " + " ".join(map(str, plan))
-
-
-class Mode(NamedTuple):
-    """How one forward runs, beyond the weights and the depth: passed in, so the model reads no
-    training or export setting."""
-    qat: QAT | None = None  # training's fake quantization
-    training: bool = False  # a layer kind's training variant: top-k routing (and its loss), the training solve
-    adapters: dict[str, dict[str, tuple[Tensor, Tensor]]] | None = None  # TTT's per-sequence LoRA, by block name
-
-
-class GPT(nn.Module):
-    def __init__(self, args: Hyperparameters):
-        super().__init__()
-        self.args = args
-        self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
-        self.hash_emb = HashEmbedding(args) if args.bigram_table_size or args.trigram_table_size else None
-        seeds = itertools.count()  # Seed-LoRA's matrix seeds, in construction order
-        self.stem = nn.ModuleList([Block(args, seeds) for _ in range(args.num_stem_blocks)])
-        self.block = Block(args, seeds)  # the shared core
-        self.decoder_block = Block(args, seeds) if args.unet_weights == 2 else None
-        self.tail = nn.ModuleList([Block(args, seeds) for _ in range(args.num_tail_blocks)])
-        plans = {depth: layer_plan(args, depth) for depth in scheduled_depths(args)}
-        rows = 1 + max(layer.row for plan in plans.values() for layer in plan)
-        self.controls = DepthControls(rows, args.attn_per_block, args.model_dim, args.norm_bias, args.mod_capacity > 0)
-        layers = len(self.stem) + args.max_depth + len(self.tail)
-        self.skip_weights = nn.Parameter(torch.ones(layers // 2, args.model_dim)) if args.unet_skips else None
-        self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
-        if self.lm_head is not None:
-            self.lm_head._zero_init = True
-        if args.tie_embeddings:
-            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=args.tied_embed_init_std)
-        for module in self.modules():
-            if getattr(module, "_zero_init", False) and isinstance(module, CastedLinear):
-                nn.init.zeros_(module.weight)
-        for depth, plan in plans.items():
-            self.check_plan(depth, plan)
-
-    def block_named(self, name: str) -> Block:
-        part, _, index = name.partition(".")
-        return getattr(self, part)[int(index)] if index else getattr(self, part)
-
-    def check_plan(self, depth: int, plan: list[Layer]) -> None:
-        """Refuse a plan that names a missing block or row, or pops a skip that was never kept."""
-        kept, popped = 0, set()
-        for i, layer in enumerate(plan):
-            problem = (f"row {layer.row} of {self.controls.rows}" if not 0 <= layer.row < self.controls.rows else
-                       f"block {layer.block}" if self.block_named(layer.block) is None else
-                       f"skip {layer.pop} (kept {kept}, popped {sorted(popped)})"
-                       if layer.pop >= 0 and (kept <= len(popped) or layer.pop in popped or layer.pop >= len(self.skip_weights)) else None)
-            if problem:
-                raise RunError(f"{describe_plan(depth, plan)}: layer {i} needs {problem}, which the model does not have")
-            popped |= {layer.pop} - {-1}
-            kept += layer.push
-
-    def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int, mode: Mode = Mode()) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-position next-token loss in nats, shape [batch, seq], through the layer plan at `depth`,
-        and what its layers report: a Mixture-of-Depths router loss per position to add to training's
-        ("router_loss"), the relative residual of a DEQ solve ("deq_residual")."""
-        args, adapters = self.args, mode.adapters or {}
-        x = self.tok_emb(input_ids)
-        if self.hash_emb is not None:
-            x = x + self.hash_emb(input_ids).to(x.dtype)
-        x = x0 = rms_norm(x)
-        rope = rotary_tables(input_ids.size(1), args.model_dim // args.num_heads, args.rope_base, input_ids.device)
-        reports: dict[str, Tensor] = {}
-        skips: list[Tensor] = []
-        for layer in layer_plan(args, depth):
-            if layer.pop >= 0:
-                x = x + self.skip_weights[layer.pop].to(x.dtype) * skips.pop()
-            block, c, lora = self.block_named(layer.block), self.controls.at(layer.row), adapters.get(layer.block)
-            if layer.kind == "routed":
-                x, loss = self.routed_pass(block, x, x0, c, rope, mode, lora)
-                if mode.training:
-                    reports["router_loss"] = reports["router_loss"] + loss if "router_loss" in reports else loss
-            elif layer.kind == "solve":
-                x, reports["deq_residual"] = self.deq_solve(x, c, rope, mode, lora)
-            else:
-                x = block(x, x0, c, rope, mode.qat, lora)
-            if layer.push:
-                skips.append(x)
-        x = rms_norm(x)
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
-        logits = add_lora(logits, x, adapters.get("head", {}).get("head"))
-        logits = args.logit_softcap * torch.tanh(logits.float() / args.logit_softcap)
-        nats = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
-        return nats, reports
-
-    def routed_pass(self, block: Block, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor],
-                    mode: Mode, lora: dict | None) -> tuple[Tensor, Tensor]:
-        """One Mixture-of-Depths pass: the chosen tokens get weight * (block update); the rest
-        pass unchanged. Returns the new stream and, in training, the router's per-position BCE
-        toward the top-k choice."""
-        logits = x.float() @ c.router.float()  # [batch, seq]
-        weight = torch.sigmoid(logits)
-        seq = x.size(1)
-        if mode.training:  # the k best of each sequence
-            k = max(1, int(self.args.mod_capacity * seq))
-            chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, logits.topk(k, dim=1).indices, True)
-        else:  # causal rule: every token decides alone
-            chosen, k = weight > 0.5, seq
-        # The chosen tokens first, each group in position order, with their own positions: one causal
-        # pass (no mask, as flash attention needs) lets a chosen token attend to the chosen tokens up
-        # to it only, so skipped tokens are never keys. The causal rule's unchosen tail is computed
-        # and discarded, keeping the shapes static.
-        positions = torch.arange(seq, device=x.device)
-        idx = torch.argsort(torch.where(chosen, positions, positions + seq), dim=1)[:, :k]
-        gather = idx[..., None].expand(-1, -1, x.size(-1))
-        xs = x.gather(1, gather)
-        cos, sin = (t[0, 0][idx][:, None] for t in rope)
-        update = block(xs, x0.gather(1, gather), c, (cos, sin), mode.qat, lora) - xs
-        x = x.scatter(1, gather, xs + (weight * chosen).gather(1, idx)[..., None].to(x.dtype) * update)
-        if not mode.training:
-            return x, torch.zeros_like(logits)
-        return x, F.binary_cross_entropy_with_logits(logits, chosen.float(), reduction="none")
-
-    def deq_solve(self, u: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], mode: Mode,
-                  lora: dict | None) -> tuple[Tensor, Tensor]:
-        """The fixed point of z -> block(z, u), u the stem's output (the embedding without a stem),
-        found without gradients from z = u, then PHANTOM_STEPS damped steps with them (the unrolled
-        phantom gradient; 1 step at lambda 1 is JFB). Returns it and the solve's relative residual."""
-        args = self.args
-        f = lambda z: self.block(z, u, c, rope, mode.qat, lora)
-        with torch.no_grad():
-            z, residual = anderson(f, u, args.deq_iters if mode.training else args.eval_deq_iters, args.anderson_m,
-                                   args.anderson_lambda, args.anderson_beta, args.deq_tol if mode.training else 0.0)
-        for _ in range(args.phantom_steps):
-            z = (1.0 - args.phantom_lambda) * z + args.phantom_lambda * f(z)
-        return z, residual
+def val_batch_seqs(args: Hyperparameters, world_size: int) -> int:
+    return max(args.val_batch_size // (world_size * grad_accum_steps(world_size) * args.train_seq_len), 1)
+
+
+# Every evaluation scores windows. A window row (start, lo, hi, lane) feeds tokens[start :
+# start + seq_len] to the model and scores only positions lo..hi-1 (position p predicts token
+# p + 1), so a score never sees a token after its target: causality is attention's causal mask,
+# and coverage is the partition of positions into [lo, hi) blocks. Non-overlapping windows are the
+# baseline's evaluation; sliding windows (SlidingWindowEval record) score only the last `stride`
+# positions of each, with at least seq_len - stride tokens of context.
+
+
+def window_blocks(floor: int, first_pos: int, end: int, first: int, stride: int, seq_len: int,
+                  lane: int = 0) -> np.ndarray:
+    """[n, 4] windows (start, lo, hi, lane) whose blocks cover positions [first_pos, end): the first
+    block `first` long, then `stride` each, the last one cut at `end`. Each block is scored by the
+    window that ends where it ends, starting no earlier than `floor` (a document's start, for TTT)."""
+    lo = np.concatenate([[first_pos], np.arange(first_pos + first, end, stride, dtype=np.int64)])
+    hi = np.append(lo[1:], end)
+    return np.stack([np.maximum(floor, hi - seq_len), lo, hi, np.full_like(lo, lane)], axis=1)
+
+
+def rank_share(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    n = len(rows)
+    return rows[n * rank // world_size : n * (rank + 1) // world_size]
+
+
+def window_batch(tokens: Tensor, rows: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Inputs, targets, scored-position mask and absolute positions, each [rows, seq_len]."""
+    pos = rows[:, :1] + torch.arange(seq_len, device=rows.device)
+    mask = (pos >= rows[:, 1:2]) & (pos < rows[:, 2:3])
+    return tokens[pos], tokens[pos + 1], mask, pos
+
+
+def padded_rows(n: int, batch: int) -> int:
+    # Batches keep one shape for the compiled graph: `batch` rows, or for fewer windows in all the
+    # next power of two (a handful of shapes in all).
+    return batch if n >= batch else 1 << (n - 1).bit_length()
+
+
+def window_forwards(model: nn.Module, tokens: Tensor, windows: np.ndarray, depth: int, seq_len: int, batch: int,
+                    adapters: nn.Module | None):
+    """For each batch of `windows` (rows start, lo, hi, lane): rows, inputs, targets, mask, positions,
+    the per-position nats (zero outside the scored positions) and the layers' reports. `adapters`
+    (TTT's LoRA) gives each lane's adapters: adapters.select(lanes)."""
+    rows_per_batch = padded_rows(len(windows), batch)
+    for i in range(0, len(windows), rows_per_batch):
+        rows = torch.from_numpy(windows[i : i + rows_per_batch]).to(tokens.device)
+        rows = F.pad(rows, (0, 0, 0, rows_per_batch - rows.size(0)))  # padding rows score nothing
+        x, y, mask, pos = window_batch(tokens, rows, seq_len)
+        with autocast(tokens.device):
+            nats, reports = model(x, y, depth, Mode(adapters=None if adapters is None else adapters.select(rows[:, 3])))
+        yield rows, x, y, mask, pos, torch.where(mask, nats.float(), 0.0), reports
+
+
+def eval_windows(model: nn.Module, tokens: Tensor, windows: np.ndarray, depth: int, seq_len: int, batch: int,
+                 luts: ByteLUTs, adapters: nn.Module | None = None, per_position: Tensor | None = None,
+                 reports: dict[str, Tensor] | None = None) -> Tensor:
+    """Sums of (nats, tokens, bytes) over the scored positions of `windows`, under inference mode.
+    `per_position`, if given, receives each scored position's nats; `reports` the last batch's reports."""
+    sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)
+    with torch.inference_mode():
+        for _, x, y, mask, pos, nats, batch_reports in window_forwards(model, tokens, windows, depth, seq_len, batch, adapters):
+            sums += torch.stack([nats.double().sum(), mask.double().sum(),
+                                 (luts.token_bytes(x, y) * mask).double().sum()])
+            if per_position is not None:
+                per_position[pos[mask]] = nats[mask].to(per_position.dtype)
+            if reports is not None:
+                reports.update(batch_reports)
+    return sums
+
+
+def loss_and_bpb(sums: Tensor) -> tuple[float, float]:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    nats, count, nbytes = sums.tolist()
+    if not math.isfinite(nats):
+        raise RunError(f"the validation loss is {nats / count}: the model diverged or its evaluation overflowed, "
+                       "so there is no score")
+    return nats / count, nats / (math.log(2.0) * nbytes)
+
+
+def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, depth: int, seq_len: int, stride: int,
+             batch: int, rank: int = 0, world_size: int = 1, per_position: Tensor | None = None,
+             reports: dict[str, Tensor] | None = None) -> tuple[float, float]:
+    """Mean loss (nats) and val_bpb of the whole stream in seq_len windows every `stride` tokens
+    (stride = seq_len: the baseline's non-overlapping evaluation), windows split across ranks."""
+    n = val_tokens.numel() - 1
+    windows = window_blocks(0, 0, n, seq_len, stride, seq_len)
+    tokens = F.pad(val_tokens.to(luts.base_bytes.device, torch.int64), (0, seq_len))
+    was_training = model.training
+    model.eval()
+    sums = eval_windows(model, tokens, rank_share(windows, rank, world_size), depth, seq_len, batch, luts,
+                        per_position=per_position, reports=reports)
+    model.train(was_training)
+    return loss_and_bpb(sums)
 
 
 # -----------------------------
 # TRAINING
 # -----------------------------
-
-CPU_AUTOCAST = False  # set once by main() from AUTOCAST=bf16, before anything is compiled
-
-
-def autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or CPU_AUTOCAST)
-
 
 MIN_TORCH = (2, 5)  # SDPA's enable_gqa (2.5) and F.rms_norm (2.4)
 
@@ -1725,6 +1456,729 @@ class TrainClock:
         return step + int(min(max(steps_left / 2, 1), MAX_SYNC_GAP))
 
 
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def move_aside(path: Path) -> None:
+    """Rename an earlier run's output to NAME.~k~, the first k free (as `cp --backup=numbered`)."""
+    k = 1
+    while path.with_name(f"{path.name}.~{k}~").exists():
+        k += 1
+    if path.exists():
+        path.rename(path.with_name(f"{path.name}.~{k}~"))
+
+
+def start_run(args: Hyperparameters, world_size: int, code: str) -> tuple[dict | None, int | None]:
+    """Rank 0, before the run writes anything: the checkpoint to resume from (None: a new run) and
+    the length its log is cut back to, to continue it (None: a new log). An earlier run's log and
+    artifacts of this RUN_ID are moved aside, so no file of another run looks like this one's."""
+    ckpt, log = None, Path("logs", f"{args.run_id}.txt")
+    # >>> checkpoints
+    ckpt = resume_checkpoint(args, world_size, code)
+    # <<< checkpoints
+    move_aside(Path("artifacts", args.run_id))
+    # >>> checkpoints
+    if ckpt and ckpt["run_id"] == args.run_id and log.is_file() and log.stat().st_size >= ckpt["log_bytes"]:
+        return ckpt, ckpt["log_bytes"]
+    # <<< checkpoints
+    move_aside(log)
+    return ckpt, None
+
+
+def on_master(master: bool, distributed: bool, work: Callable[[], object]) -> object:
+    """Run `work` on rank 0 alone and give every rank its result, or its RunError, so that no rank
+    waits on one that failed and no rank reads a file only rank 0 wrote (nodes need not share a disk)."""
+    result, error = None, None
+    if master:
+        try:
+            result = work()
+        except Exception as e:
+            if not distributed:
+                raise
+            error = str(e) if isinstance(e, RunError) else f"rank 0 failed: {type(e).__name__}: {e}"
+    if distributed:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise RunError(error)
+    return result
+
+
+class Logger:
+    # Rank 0 writes logs/{RUN_ID}.txt: a new file, or a resumed run's own log cut back to `keep_bytes`.
+    def __init__(self, run_id: str, master: bool, keep_bytes: int | None = None):
+        self.master = master
+        self.path = Path("logs", f"{run_id}.txt")
+        if master:
+            self.path.parent.mkdir(exist_ok=True)
+            with open(self.path, "ab") as f:
+                f.truncate(keep_bytes or 0)
+            print(self.path)
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            print(msg, file=f)
+
+
+def log_header(log: Logger, code: str, args: Hyperparameters, device: torch.device) -> None:
+    """As the baseline's: the source, the versions (and nvidia-smi), then every setting, sorted."""
+    log(code, console=False)
+    log("=" * 100, console=False)
+    log(f"Running Python {sys.version}", console=False)
+    log(f"Running PyTorch {torch.__version__}", console=False)
+    if device.type == "cuda":
+        smi = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False)
+        log(smi.stdout, console=False)
+    log("=" * 100, console=False)
+    for name, value in sorted(vars(args).items()):
+        log(f"{name}:{value}", console=False)
+
+
+def train_step(model: nn.Module, next_batch: Callable[[], tuple[Tensor, Tensor]], depth: int, mode: Mode,
+               args: Hyperparameters, accum: int, device: torch.device, distributed: bool) -> tuple[Tensor, dict]:
+    """Forward/backward over `accum` micro-batches; returns the mean loss (on device, no sync) and
+    the last micro-batch's reports."""
+    total = torch.zeros((), device=device)
+    for micro in range(accum):
+        if distributed:
+            model.require_backward_grad_sync = micro == accum - 1
+        x, y = next_batch()
+        with autocast(device):
+            nats, reports = model(x, y, depth, mode)
+            # >>> mod
+            if "router_loss" in reports:  # Mixture-of-Depths' router loss, added to each position's
+                nats = nats + args.mod_aux_weight * reports["router_loss"]
+            # <<< mod
+            loss = nats.mean()
+        (loss / accum).backward()
+        total += loss.detach()
+    return total / accum, reports
+
+
+def training_mode(args: Hyperparameters, qat_gate: Tensor) -> Mode:
+    """The forward of training: QAT's noise (scaled by `qat_gate`, 0 until QAT_START_FRAC) when on."""
+    qat = QAT(qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode) if args.noisy_qat else None
+    return Mode(qat=qat, training=True)
+
+
+CLOCK_FIELDS = ("local_ms", "elapsed_ms", "sync_step", "phase_step", "phase_ms", "step_ms")  # TrainClock's state
+
+
+def rng_state(device: torch.device) -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # keys: uint32, which torch 2.5 cannot save
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimizers: list, mode: Mode,
+                  args: Hyperparameters, world_size: int, device: torch.device, distributed: bool, log: Logger) -> None:
+    """Compile every scheduled depth (train graph, and the eval graphs of the validation and
+    sliding-window batch shapes) on synthetic tokens, then restore the
+    initial weights and optimizer state so measured training starts from the true init. Validation
+    data is never touched here."""
+    depths = scheduled_depths(args)
+    accum = grad_accum_steps(world_size)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def synthetic(seqs: int, seq_len: int = args.train_seq_len) -> tuple[Tensor, Tensor]:
+        tokens = torch.randint(0, args.vocab_size, (seqs * seq_len + 1,), generator=gen)
+        return inputs_and_targets(tokens.to(device), seq_len)
+
+    micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
+    model_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    steps = max(args.warmup_steps, len(depths))
+    for i in range(steps):
+        train_step(model, lambda: synthetic(micro_seqs), depths[i % len(depths)], mode, args, accum, device, distributed)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
+            log(f"warmup_step:{i + 1}/{steps}")
+    compiled.eval()
+    eval_shapes = {(val_batch_seqs(args, world_size), args.train_seq_len)}
+    if args.eval_stride:
+        eval_shapes.add((args.eval_batch_seqs, args.eval_seq_len))
+    with torch.inference_mode(), autocast(device):
+        for depth in depths:
+            for shape in eval_shapes:
+                compiled(*synthetic(*shape), depth)
+    compiled.train()
+    base_model.load_state_dict(model_state)
+    for opt, state in zip(optimizers, opt_states):
+        opt.load_state_dict(state)
+    if distributed:
+        model.require_backward_grad_sync = True
+
+
+class Run(NamedTuple):
+    """What setup_run prepares: settings, processes, inputs, the model (plain, compiled, DDP) and the log."""
+    args: Hyperparameters
+    code: str  # this file's text
+    device: torch.device
+    rank: int
+    world_size: int
+    distributed: bool
+    train_files: list[Path]
+    token_ids_checked: Callable[[], None]  # waits for the training shards' token-id check
+    val_tokens: Tensor
+    luts: ByteLUTs
+    base_model: GPT
+    compiled: nn.Module
+    model: nn.Module
+    estimate: int  # bytes, code included
+    log: Logger
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def code_bytes(self) -> int:  # of the file that runs: pack it to count the packed bytes
+        return len(self.code.encode("utf-8"))
+
+
+def setup_run() -> tuple[Run, dict | None]:
+    """Settings, processes, inputs, model and the run's files, each checked before any expensive
+    work; also the checkpoint to resume from."""
+    global zeropower_via_newtonschulz5, CPU_AUTOCAST
+    code = Path(__file__).read_text(encoding="utf-8")
+    check_torch_version(torch.__version__)
+    args = Hyperparameters()
+    distributed, rank, world_size, device = setup_distributed()
+    args.validate(world_size, device.type)
+    CPU_AUTOCAST = args.autocast == "bf16"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_flash_sdp(True)
+        for backend in (torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                        torch.backends.cuda.enable_math_sdp):
+            backend(False)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    train_files, val_tokens, luts = load_inputs(args, device)
+    token_ids_checked = check_token_ids(train_files, args.vocab_size)  # waited for before training
+    base_model = GPT(args).to(device)
+    estimate = estimate_artifact_bytes(base_model.state_dict(), args) + len(code.encode("utf-8"))
+    verdict = size_verdict(estimate, args)  # refuses a run clearly over the cap, before any training
+
+    # Rank 0 alone reads the checkpoint and prepares the run's files; every rank gets the result.
+    ckpt, keep_log_bytes = on_master(rank == 0, distributed, lambda: start_run(args, world_size, code))
+    log = Logger(args.run_id, rank == 0, keep_log_bytes)
+    if keep_log_bytes is None:  # a resumed run continuing its own log has it already
+        log_header(log, code, args, device)
+    for warning in setting_warnings(os.environ):
+        log(warning)
+    if device.type == "cuda" or CPU_AUTOCAST:
+        # As in the baseline: a bf16 embedding makes the residual stream bf16, halving its memory.
+        base_model.tok_emb.bfloat16()
+    compiled = base_model
+    if args.torch_compile:
+        set_recompile_limit(torch._dynamo.config, 64)
+        zeropower_via_newtonschulz5 = torch.compile(zeropower_via_newtonschulz5)
+        compiled = torch.compile(base_model, dynamic=False, fullgraph=True)
+    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False) if distributed else compiled
+    run = Run(args, code, device, rank, world_size, distributed, train_files, token_ids_checked, val_tokens, luts,
+              base_model, compiled, model, estimate, log)
+    log_config(run, verdict)
+    return run, ckpt
+
+
+def log_config(run: Run, verdict: str) -> None:
+    args, log = run.args, run.log
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
+    log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(run.train_files)}")
+    log(f"val_loader:shards pattern={args.val_files} tokens:{run.val_tokens.numel() - 1}")
+    log(f"model_params:{sum(p.numel() for p in run.base_model.parameters())}")
+    # >>> seed_lora
+    log_seed_lora(run.base_model, args, log)
+    # <<< seed_lora
+    log(f"size_estimate {format_name(args)}: total:~{run.estimate} cap:{SIZE_CAP_BYTES} {verdict}")
+    log(f"world_size:{run.world_size} grad_accum_steps:{grad_accum_steps(run.world_size)}")
+    log(f"device:{run.device.type} compile:{args.torch_compile} autocast_bf16:{run.device.type == 'cuda' or CPU_AUTOCAST}")
+    log(f"attention_mode:gqa num_heads:{args.num_heads} num_kv_heads:{args.num_kv_heads} "
+        f"attn_per_block:{args.attn_per_block} mlp_layers:{args.mlp_layers} mlp_hidden:{int(args.mlp_mult * args.model_dim)}")
+    log(f"layer_schedule:{','.join(f'{s}:{d}' for s, d in args.layer_schedule)} max_depth:{args.max_depth} "
+        f"stem_blocks:{args.num_stem_blocks} tail_blocks:{args.num_tail_blocks} norm_bias:{args.norm_bias}")
+    log(f"export:{format_name(args)} embed_bits:{args.embed_bits} clip_sigmas:{args.matrix_clip_sigmas},{args.embed_clip_sigmas} "
+        f"noisy_qat:{args.noisy_qat} qat_mode:{args.qat_mode} qat_start_frac:{args.qat_start_frac}")
+    log(f"tie_embeddings:{args.tie_embeddings} embed_lr:{args.tied_embed_lr if args.tie_embeddings else args.embed_lr} "
+        f"head_lr:{0.0 if args.tie_embeddings else args.head_lr} matrix_lr:{args.matrix_lr} scalar_lr:{args.scalar_lr}")
+    log(f"train_batch_tokens:{args.train_batch_tokens} train_seq_len:{args.train_seq_len} "
+        f"iterations:{args.iterations} warmup_steps:{args.warmup_steps} "
+        f"max_wallclock_seconds:{args.max_wallclock_seconds:.3f}")
+    log(f"seed:{args.seed}")
+    log(f"code bytes:{run.code_bytes} sha256:{sha256(run.code)}")
+
+
+class Trainer:
+    """The training loop, and everything it carries from one step to the next: what a checkpoint
+    saves and a resume restores (state_dict, load_state_dict)."""
+
+    def __init__(self, run: Run):
+        self.run, self.args, self.log = run, run.args, run.log
+        self.optimizers = build_optimizers(run.base_model, run.args)
+        self.qat_gate = torch.zeros((), device=run.device)  # a tensor, so turning QAT on never recompiles
+        self.mode = training_mode(run.args, self.qat_gate)
+        self.accum = grad_accum_steps(run.world_size)
+        self.step, self.depth, self.stop, self.next_sync, self.qat_on = 0, run.args.depth_at(0), False, 1, False
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
+        self.peaks: list[tuple[int, int]] = []  # CUDA's (allocated, reserved) peak bytes of the warmup and each phase
+        self.eval_reports: dict[str, Tensor] = {}  # of the last validation's last batch
+        self.val_loss = self.val_bpb = float("nan")
+        # >>> ema
+        self.ema: EMA | None = None
+        # <<< ema
+
+    def warm_up(self) -> None:
+        """Compile every graph the run needs, wait for the token-id check, and start the loader and clock."""
+        run, args = self.run, self.args
+        if args.warmup_steps > 0:
+            prime_compile(run.model, run.compiled, run.base_model, self.optimizers, self.mode, args, run.world_size,
+                          run.device, run.distributed, self.log)
+        run.token_ids_checked()
+        self.graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        self.mark_peak()
+        # >>> ema
+        self.ema = EMA(run.base_model, args.ema_decay) if args.ema_decay > 0 else None
+        # <<< ema
+        self.loader = DistributedTokenLoader(run.train_files, run.rank, run.world_size, run.device)
+        self.clock = TrainClock(args, run.device, run.distributed)
+
+    def mark_peak(self) -> str:
+        if self.run.device.type != "cuda":
+            return ""
+        self.peaks.append((torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()))
+        torch.cuda.reset_peak_memory_stats()
+        return f" peak_alloc:{self.peaks[-1][0] >> 20}MiB"
+
+    def evaluate_plain(self) -> tuple[float, float]:
+        """The baseline's metric, at the current depth."""
+        run = self.run
+        return evaluate(run.compiled, run.val_tokens, run.luts, self.depth, self.args.train_seq_len, self.args.train_seq_len,
+                        val_batch_seqs(self.args, run.world_size), run.rank, run.world_size, reports=self.eval_reports)
+
+    def sync_clock(self) -> None:
+        if self.clock.measure(self.step, self.nonfinite):
+            raise RunError(f"training loss became NaN/inf by step {self.step}; stopping without an artifact "
+                           "(lower MATRIX_LR/EMBED_LR or set GRAD_CLIP_NORM)")
+
+    def log_phase_end(self) -> None:
+        clock, steps = self.clock, self.step - self.clock.phase_step
+        self.log(f"phase_end depth:{self.depth} steps:{steps} "
+                 f"phase_step_avg:{(clock.elapsed_ms - clock.phase_ms) / max(steps, 1):.2f}ms{self.mark_peak()}")
+
+    def set_depth(self, depth: int) -> None:
+        self.sync_clock()
+        self.log_phase_end()
+        self.clock.begin_phase(self.step, self.args.pass_cost(depth) / self.args.pass_cost(self.depth))
+        self.depth, self.next_sync = depth, self.step + 1
+        self.log(f"layer_schedule_advance:step:{self.step} active_num_layers:{depth}")
+        self.log(describe_plan(depth, layer_plan(self.args, depth)))
+        # >>> deq
+        if self.args.deq and depth == DEQ_SOLVE:
+            self.log(f"deq_solve_start step:{self.step} deq_iters:{self.args.deq_iters} eval_deq_iters:"
+                     f"{self.args.eval_deq_iters} anderson_m:{self.args.anderson_m} phantom_steps:{self.args.phantom_steps}")
+        # <<< deq
+
+    def loop(self) -> None:
+        """Train until ITERATIONS or the wallclock cap, validating every VAL_LOSS_EVERY steps and at the end."""
+        args, clock, log = self.args, self.clock, self.log
+        log(clock.describe())
+        log(f"layer_schedule_advance:step:{self.step} active_num_layers:{self.depth}")
+        log(describe_plan(self.depth, layer_plan(args, self.depth)))
+        clock.resume()
+        while True:
+            last_step = self.step == args.iterations or self.stop
+            # Validation first: a step that switches depth is scored at the depth trained up to it.
+            if last_step or (args.val_loss_every > 0 and self.step % args.val_loss_every == 0):
+                self.sync_clock()
+                self.val_loss, self.val_bpb = self.evaluate_plain()
+                log(f"step:{self.step}/{args.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
+                    f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / max(self.step, 1):.2f}ms")
+                clock.resume()
+            if last_step:
+                if self.stop and self.step < args.iterations:
+                    log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms:.0f}ms step:{self.step}/{args.iterations}")
+                break
+            if args.depth_at(self.step) != self.depth:
+                self.set_depth(args.depth_at(self.step))
+            train_loss, reports = self.train_one_step()
+            log_now = args.train_log_every > 0 and (self.step <= 10 or self.step % args.train_log_every == 0)
+            if log_now or self.step >= self.next_sync or clock.due():
+                self.sync_clock()
+                self.stop = clock.out_of_time()
+                self.next_sync = clock.next_sync(self.step)
+                if log_now:
+                    if self.run.distributed:
+                        dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
+                        train_loss /= self.run.world_size
+                    extra = "".join(f" {k}:{v.item():.4f}" for k, v in reports.items() if v.numel() == 1)
+                    log(f"step:{self.step}/{args.iterations} train_loss:{train_loss.item():.4f} "
+                        f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / self.step:.2f}ms{extra}")
+            # >>> checkpoints
+            if args.checkpoint_every and self.step % args.checkpoint_every == 0:
+                self.save_checkpoint()
+            # <<< checkpoints
+        self.log_phase_end()
+
+    def train_one_step(self) -> tuple[Tensor, dict[str, Tensor]]:
+        args, run, step = self.args, self.run, self.step
+        if args.noisy_qat and not self.qat_on and self.clock.progress(step) >= args.qat_start_frac:
+            self.qat_gate.fill_(1.0)
+            self.qat_on = True
+            self.log(f"qat_start step:{step} mode:{args.qat_mode} grid:int{args.quant_bits}")
+        scale = self.clock.lr_mul(step)
+        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
+        self.optimizers[0].param_groups[0]["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        local_tokens = args.train_batch_tokens // (run.world_size * self.accum)
+        train_loss, reports = train_step(run.model, lambda: self.loader.next_batch(local_tokens, args.train_seq_len),
+                                         self.depth, self.mode, args, self.accum, run.device, run.distributed)
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(run.base_model.parameters(), args.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        # >>> ema
+        if self.ema is not None:
+            self.ema.update()
+        # <<< ema
+        self.nonfinite |= ~torch.isfinite(train_loss)
+        self.step += 1
+        return train_loss, reports
+
+    def state_dict(self) -> dict:
+        """Everything the loop carries, as it is after step `self.step` (what a checkpoint saves)."""
+        state = {"step": self.step, "depth": self.depth, "next_sync": self.next_sync, "qat_on": self.qat_on,
+                 "model": self.run.base_model.state_dict(), "optimizers": [opt.state_dict() for opt in self.optimizers],
+                 "rng": rng_state(self.run.device), "loader": (self.loader.stream.file_idx, self.loader.stream.pos),
+                 "clock": {field: getattr(self.clock, field) for field in CLOCK_FIELDS}}
+        # >>> ema
+        state["ema"] = self.ema.shadow if self.ema is not None else None
+        # <<< ema
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run.base_model.load_state_dict(state["model"], strict=True)
+        for opt, opt_state in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        # >>> ema
+        if self.ema is not None:
+            self.ema.shadow = [t.to(self.run.device) for t in state["ema"]]
+        # <<< ema
+        self.loader.stream.seek(*state["loader"])
+        for field in CLOCK_FIELDS:
+            setattr(self.clock, field, state["clock"][field])
+        self.step, self.depth, self.next_sync, self.qat_on = state["step"], state["depth"], state["next_sync"], state["qat_on"]
+        self.qat_gate.fill_(float(self.qat_on))
+        set_rng_state(state["rng"], self.run.device)
+    # >>> checkpoints
+
+    def save_checkpoint(self) -> None:
+        run, args = self.run, self.args
+        self.sync_clock()  # a checkpoint is only written of a healthy run, and its time is not training time
+        t0 = time.perf_counter()
+        state = self.state_dict() | {"format": CHECKPOINT_FORMAT, "config": checkpoint_config(args), "run_id": args.run_id,
+                                     "world_size": run.world_size, "code_sha256": sha256(run.code)}
+        path, nbytes = on_master(run.master, run.distributed, lambda: save_checkpoint(
+            Path("checkpoints", args.run_id), self.step, state | {"log_bytes": self.log.path.stat().st_size}, args.checkpoint_keep))
+        self.log(f"checkpoint step:{self.step} path:{path} bytes:{nbytes} write_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        self.clock.resume()
+    # <<< checkpoints
+
+
+def log_training_summary(trainer: Trainer) -> None:
+    run, args, log, clock = trainer.run, trainer.args, trainer.log, trainer.clock
+    # >>> deq
+    if "deq_residual" in trainer.eval_reports:  # the last solve was the final validation's
+        log(f"deq_residual eval_deq_iters:{args.eval_deq_iters} residual:{trainer.eval_reports['deq_residual'].item():.4f}")
+    # <<< deq
+    # >>> mod
+    if args.mod_capacity:
+        log_topk_routing_gap(trainer)
+    # <<< mod
+    tokens_per_s = trainer.step * args.train_batch_tokens / max(clock.elapsed_ms / 1000.0, 1e-9)
+    log(f"train_summary steps:{trainer.step} train_time:{clock.elapsed_ms:.0f}ms tokens_per_s:{tokens_per_s:.0f}")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    log(f"compile_stats unique_graphs:{graphs} recompiles_after_warmup:{graphs - trainer.graphs_after_warmup}")
+    if run.device.type == "cuda":
+        log(f"peak memory allocated: {max(a for a, _ in trainer.peaks) >> 20} MiB "
+            f"reserved: {max(r for _, r in trainer.peaks) >> 20} MiB")
+
+
+def export_and_score(trainer: Trainer) -> int:
+    """Export the weights to artifacts/{RUN_ID}/ (rank 0 writes, atomically; the float weights too,
+    for re-exporting in other formats), then score the dequantized artifact on every rank from its
+    bytes: the final evaluations, each timed, the last one run being the score. Returns the
+    submission's bytes, code included."""
+    run, args, log = trainer.run, trainer.args, trainer.log
+    val_bpb = trainer.val_bpb
+    # >>> ema
+    if trainer.ema is not None:  # export the EMA's weights, their effect measured against the trained ones
+        trainer.ema.copy_to_model()
+        raw_bpb, (trainer.val_loss, val_bpb) = val_bpb, trainer.evaluate_plain()
+        log(f"ema decay:{args.ema_decay} val_loss:{trainer.val_loss:.4f} val_bpb:{val_bpb:.4f} raw_val_bpb:{raw_bpb:.4f} "
+            f"delta_bpb:{val_bpb - raw_bpb:+.4f}")
+    # <<< ema
+    log(f"final_prequant_exact val_loss:{trainer.val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    fmt = format_name(args)
+    artifact = Path("artifacts", args.run_id, f"final_model.int{args.quant_bits}.ptz")
+    blob = on_master(run.master, run.distributed, lambda: export_artifact(run.base_model.state_dict(), args, artifact))
+    log(f"artifact:{artifact}")
+    total = len(blob) + run.code_bytes
+    log(f"Serialized model {fmt}: {len(blob)} bytes (code:{run.code_bytes} bytes)")
+    log(f"Total submission size {fmt}: {total} bytes")
+    verdict = f"OVER the cap by {total - SIZE_CAP_BYTES} bytes" if total > SIZE_CAP_BYTES else \
+        f"fits with {SIZE_CAP_BYTES - total} bytes to spare"
+    log(f"size_check: total:{total} cap:{SIZE_CAP_BYTES} estimate:{run.estimate} {verdict}")
+    load_weights(run.base_model, load_artifact(artifact, blob), str(artifact))
+
+    eval_ms: dict[str, float] = {}
+
+    def timed_eval(label: str, score: Callable[[], tuple[float, float]], extra: str = "") -> float:
+        synchronize(run.device)
+        t0 = time.perf_counter()
+        loss, bpb = score()
+        synchronize(run.device)
+        eval_ms[label] = 1000.0 * (time.perf_counter() - t0)
+        log(f"{label} {extra}val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms[label]:.0f}ms")
+        log(f"{label}_exact {extra}val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+        return bpb
+
+    score = timed_eval(f"final_{fmt.replace('+', '_')}_roundtrip", trainer.evaluate_plain)
+    log(f"quant_gap {fmt} val_bpb:{score - val_bpb:+.8f} (roundtrip minus pre-quant)")
+    if args.eval_stride:
+        score = timed_eval("final_sliding_window", lambda: evaluate(
+            run.compiled, run.val_tokens, run.luts, trainer.depth, args.eval_seq_len, args.eval_stride, args.eval_batch_seqs,
+            run.rank, run.world_size), f"stride:{args.eval_stride} ")
+    # >>> ttt
+    if args.ttt_enabled:
+        log(describe_ttt(run.base_model, args, trainer.depth))
+        score = timed_eval("final_ttt", lambda: eval_ttt(run.compiled, run.base_model, args, trainer.depth, run.val_tokens,
+                                                         run.luts, run.rank, run.world_size))
+    # <<< ttt
+    budget_ms, train_ms = 1000.0 * TIME_BUDGET_SECONDS, trainer.clock.elapsed_ms
+    ok = lambda used, cap: "ok" if used <= cap else "OVER"
+    log(f"compliance train_time:{train_ms:.0f}ms/{budget_ms:.0f}ms:{ok(train_ms, budget_ms)} "
+        f"eval_time:{sum(eval_ms.values()):.0f}ms/{budget_ms:.0f}ms:{ok(sum(eval_ms.values()), budget_ms)} "
+        f"({' '.join(f'{k}:{v:.0f}ms' for k, v in eval_ms.items())}) "
+        f"artifact:{total}/{SIZE_CAP_BYTES}:{ok(total, SIZE_CAP_BYTES)} val_tokens_trained_before_scoring:0 "
+        f"score:{list(eval_ms)[-1]}_exact val_bpb:{score:.8f}")
+    return total
+
+
+def main() -> None:
+    run, ckpt = setup_run()
+    trainer = Trainer(run)
+    trainer.warm_up()
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        run.log(f"resumed_from:{ckpt['path']} step:{trainer.step} train_time:{trainer.clock.elapsed_ms:.0f}ms")
+        del ckpt
+    trainer.loop()
+    log_training_summary(trainer)
+    total = export_and_score(trainer)
+    if run.distributed:
+        dist.barrier()  # no rank leaves while another may still need it
+        dist.destroy_process_group()
+    if total > SIZE_CAP_BYTES:
+        raise RunError(f"the artifact ({total} bytes with the code) is over the {SIZE_CAP_BYTES}-byte cap by "
+                       f"{total - SIZE_CAP_BYTES} bytes; everything was written, but it cannot be submitted")
+
+
+# -----------------------------
+# EXTENSIONS
+# -----------------------------
+# Each optional system is one block: its settings reader (appended to EXTENSION_SETTINGS), its
+# parameters' roles (added to PARAM_ROLES), its modules and functions. The hook lines in the core
+# that call it are marked with its name, so `records/submission.py strip` deletes both.
+
+# >>> hash_embed: hash n-gram embeddings (PR #470, the records' BigramHash)
+def hash_embed_settings(h: Hyperparameters) -> None:
+    # (previous, current) and (two back, previous, current) input tokens hashed into tables of
+    # HASH_EMBED_DIM, projected and added to the token embedding (0 = no table).
+    h.bigram_table_size = h._get("BIGRAM_TABLE_SIZE", 0, "[0,)")
+    h.trigram_table_size = h._get("TRIGRAM_TABLE_SIZE", 0, "[0,)")
+    h.hash_embed_dim = h._get("HASH_EMBED_DIM", 128, "[1,)")
+    for name, size in (("BIGRAM_TABLE_SIZE", h.bigram_table_size), ("TRIGRAM_TABLE_SIZE", h.trigram_table_size)):
+        if size == 1:
+            raise RunError(f"{name}=1: a table needs at least 2 buckets (one is kept for 'no context')")
+
+
+EXTENSION_SETTINGS.append(hash_embed_settings)
+PARAM_ROLES["matrix"] += r"|hash_emb\.proj\.weight"
+PARAM_ROLES["embedding"] += r"|hash_emb\.(bigram|trigram)\.weight"
+
+
+def ngram_buckets(ids: Tensor, n: int, size: int) -> Tensor:
+    """Bucket of the n-gram of input tokens ending at each position, in [0, size - 2]; size - 1
+    where the n-1 tokens before it are not all in the position's document (a BOS, at the
+    position or after the earliest of them, starts a new one; the sequence start has none).
+    The key never includes a later token, least of all the one being predicted."""
+    key, valid = ids.long(), torch.ones_like(ids, dtype=torch.bool)
+    bos, positions = ids == BOS_ID, torch.arange(ids.size(-1), device=ids.device)
+    for back, multiplier in zip(range(1, n), (36_313, 27_191)):
+        valid = valid & (positions >= back) & ~F.pad(bos, (back - 1, 0))[..., : ids.size(-1)]
+        key = key * multiplier + F.pad(ids.long(), (back, 0))[..., : ids.size(-1)]
+    return torch.where(valid, key % (size - 1), size - 1)
+
+
+class HashEmbedding(nn.Module):
+    # Bigram and trigram tables (PR #470, the records' BigramHash), projected to the model width
+    # by a zero-initialized matrix, so training starts from the plain token embedding.
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.bigram = nn.Embedding(args.bigram_table_size, args.hash_embed_dim) if args.bigram_table_size else None
+        self.trigram = nn.Embedding(args.trigram_table_size, args.hash_embed_dim) if args.trigram_table_size else None
+        self.proj = CastedLinear(args.hash_embed_dim, args.model_dim, bias=False)
+        self.proj._zero_init = True
+
+    def forward(self, ids: Tensor) -> Tensor:
+        tables = [(n, t) for n, t in ((2, self.bigram), (3, self.trigram)) if t is not None]
+        h = sum(table(ngram_buckets(ids, n, table.num_embeddings)) for n, table in tables)
+        return self.proj(h)
+# <<< hash_embed
+
+
+# >>> seed_lora: Seed-LoRA (PR #1783)
+def seed_lora_settings(h: Hyperparameters) -> None:
+    # With SEED_LORA_RANK > 0, the blocks' SEED_LORA_TARGETS matrices (mlp, attn or all) are frozen
+    # random sign maps regenerated from integer seeds plus trained rank-SEED_LORA_RANK adapters; only
+    # adapters, seeds and checksums are stored.
+    h.seed_lora_rank = h._get("SEED_LORA_RANK", 0, "[0,)")
+    h.seed_lora_targets = h._get("SEED_LORA_TARGETS", "mlp")
+    check_choice("SEED_LORA_TARGETS", h.seed_lora_targets, ("mlp", "attn", "all"))
+
+
+EXTENSION_SETTINGS.append(seed_lora_settings)
+PARAM_ROLES["matrix"] += rf"|{BLOCK_MATRIX}\.lora_[ab]"
+
+
+def seeded_signs(rows: int, cols: int, seed: int) -> tuple[Tensor, int]:
+    """A random +-1/sqrt(cols) matrix from its own CPU generator (integer draws only, so the same
+    on every machine and device) and a checksum of its signs."""
+    signs = torch.randint(0, 2, (rows, cols), generator=torch.Generator().manual_seed(seed), dtype=torch.int8) * 2 - 1
+    checksum = int.from_bytes(hashlib.sha256(signs.numpy().tobytes()).digest()[:8], "little", signed=True)
+    return signs.float() / math.sqrt(cols), checksum
+
+
+class SeedLoRALinear(nn.Module):
+    # W = R(seed) + B @ A: R is regenerated, never stored (a non-persistent buffer); the seed and a
+    # checksum of R are. B starts at zero, so training starts from the random map. Loading
+    # regenerates R and refuses a checksum that does not match.
+    def __init__(self, in_features: int, out_features: int, rank: int, seed: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        random_map, checksum = seeded_signs(out_features, in_features, seed)
+        self.register_buffer("random_map", random_map, persistent=False)
+        self.register_buffer("seed", torch.tensor(seed))
+        self.register_buffer("checksum", torch.tensor(checksum))
+        self.lora_a = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, x: Tensor, qat: QAT | None = None) -> Tensor:
+        return F.linear(x, (self.random_map + self.lora_b @ self.lora_a).to(x.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        seed, checksum = state_dict.get(prefix + "seed"), state_dict.get(prefix + "checksum")
+        shapes = [getattr(state_dict.get(prefix + k), "shape", None) for k in ("lora_a", "lora_b")]
+        if seed is not None and checksum is not None and shapes == [self.lora_a.shape, self.lora_b.shape]:
+            random_map, expected = seeded_signs(self.out_features, self.in_features, int(seed))
+            if int(checksum) != expected:
+                raise RunError(f"{prefix}random_map: regenerating seed {int(seed)} gives checksum {expected}, "
+                               f"the weights say {int(checksum)}")
+            self.random_map.copy_(random_map)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def seed_lora_linears(args: Hyperparameters, plain: Callable[[str], LinearFactory]) -> Callable[[str], LinearFactory]:
+    """The block's matrix factory with the targeted kinds made Seed-LoRA, seeded 0, 1, 2, ... in
+    construction order."""
+    if not args.seed_lora_rank:
+        return plain
+    seeds = itertools.count()
+    return lambda kind: ((lambda i, o: SeedLoRALinear(i, o, args.seed_lora_rank, next(seeds)))
+                         if args.seed_lora_targets in (kind, "all") else plain(kind))
+
+
+def log_seed_lora(model: GPT, args: Hyperparameters, log: Logger) -> None:
+    seeded = [m for m in model.modules() if isinstance(m, SeedLoRALinear)]
+    if seeded:
+        log(f"seed_lora targets:{args.seed_lora_targets} rank:{args.seed_lora_rank} matrices:{len(seeded)} "
+            f"regenerated_params:{sum(m.random_map.numel() for m in seeded)} (not stored) "
+            f"adapter_params:{sum(m.lora_a.numel() + m.lora_b.numel() for m in seeded)}")
+# <<< seed_lora
+
+
+# >>> mod: Mixture-of-Depths
+def mod_settings(h: Hyperparameters) -> None:
+    # Every MOD_EVERY-th pass is routed. In training a per-layer router picks the top MOD_CAPACITY
+    # of each sequence's tokens (0 = off), which pass through the block in position order, their
+    # update scaled by sigmoid(router); the rest skip it. A BCE loss (MOD_AUX_WEIGHT, added to the
+    # training loss) teaches the causal rule that evaluation uses: a token is processed when its
+    # sigmoid(router) > 0.5.
+    h.mod_capacity = h._get("MOD_CAPACITY", 0.0, "[0,1]")
+    h.mod_every = h._get("MOD_EVERY", 2, "[1,)")
+    h.mod_aux_weight = h._get("MOD_AUX_WEIGHT", 0.01, "[0,)")
+    if h.mod_capacity and int(h.mod_capacity * h.train_seq_len) < 1:
+        raise RunError(f"MOD_CAPACITY={h.mod_capacity} must route at least one token of TRAIN_SEQ_LEN")
+
+
+EXTENSION_SETTINGS.append(mod_settings)
+PARAM_ROLES["control"] += r"|controls\.router"  # fp32: a decision boundary, sigmoid > 0.5
+
+
+def routed_pass(model: GPT, block: Block, x: Tensor, x0: Tensor, c: DepthControl, router: Tensor,
+                rope: tuple[Tensor, Tensor], mode: Mode, lora: dict | None) -> tuple[Tensor, Tensor | None]:
+    """One Mixture-of-Depths pass: the chosen tokens get weight * (block update); the rest pass
+    unchanged. Returns the new stream and, in training, the router's per-position BCE toward the
+    top-k choice."""
+    logits = x.float() @ router.float()  # [batch, seq]
+    weight = torch.sigmoid(logits)
+    seq = x.size(1)
+    if mode.training:  # the k best of each sequence
+        k = max(1, int(model.args.mod_capacity * seq))
+        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, logits.topk(k, dim=1).indices, True)
+    else:  # causal rule: every token decides alone
+        chosen, k = weight > 0.5, seq
+    # The chosen tokens first, each group in position order, with their own positions: one causal
+    # pass (no mask, as flash attention needs) lets a chosen token attend to the chosen tokens up
+    # to it only, so skipped tokens are never keys. The causal rule's unchosen tail is computed
+    # and discarded, keeping the shapes static.
+    positions = torch.arange(seq, device=x.device)
+    idx = torch.argsort(torch.where(chosen, positions, positions + seq), dim=1)[:, :k]
+    gather = idx[..., None].expand(-1, -1, x.size(-1))
+    xs = x.gather(1, gather)
+    cos, sin = (t[0, 0][idx][:, None] for t in rope)
+    update = block(xs, x0.gather(1, gather), c, (cos, sin), mode.qat, lora) - xs
+    x = x.scatter(1, gather, xs + (weight * chosen).gather(1, idx)[..., None].to(x.dtype) * update)
+    return x, F.binary_cross_entropy_with_logits(logits, chosen.float(), reduction="none") if mode.training else None
+
+
 class TopkRouting(nn.Module):
     # A diagnostic: evaluation with training's top-k routing, which sees every router score of a
     # sequence (non-causal), to measure what the causal rule costs.
@@ -1734,6 +2188,258 @@ class TopkRouting(nn.Module):
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int, mode: Mode = Mode()) -> tuple[Tensor, dict]:
         return self.model(input_ids, target_ids, depth, mode._replace(training=True))
+
+
+def log_topk_routing_gap(trainer: Trainer) -> None:
+    run, args = trainer.run, trainer.args
+    _, topk_bpb = evaluate(TopkRouting(run.base_model), run.val_tokens, run.luts, trainer.depth, args.train_seq_len,
+                           args.train_seq_len, val_batch_seqs(args, run.world_size), run.rank, run.world_size)
+    trainer.log(f"mod_routing causal_val_bpb:{trainer.val_bpb:.4f} topk_val_bpb:{topk_bpb:.4f} "
+                f"gap:{trainer.val_bpb - topk_bpb:+.4f} (the scored, causal rule minus the training-time top-k)")
+# <<< mod
+
+
+# >>> deq: DEQ Universal Transformer (PR #1783)
+def deq_settings(h: Hyperparameters) -> None:
+    # After DEQ_WARMUP_STEPS of unrolled passes of one map z -> f(z, x) (the shared block with one
+    # row of controls), its fixed point is solved without gradients by Anderson acceleration mixing
+    # each token's own history (ANDERSON_M iterates, ridge ANDERSON_LAMBDA, mixing ANDERSON_BETA) for
+    # DEQ_ITERS (EVAL_DEQ_ITERS in evaluation) iterations, and PHANTOM_STEPS damped steps
+    # z <- (1 - PHANTOM_LAMBDA) z + PHANTOM_LAMBDA f(z) carry the gradient. DEQ_TOL > 0 stops a
+    # training solve early (needs TORCH_COMPILE=0).
+    h.deq = h._get("DEQ", False)
+    h.deq_warmup_steps = h._get("DEQ_WARMUP_STEPS", 200, "[0,)")
+    h.deq_iters = h._get("DEQ_ITERS", 8, "[2,)")
+    h.eval_deq_iters = h._get("EVAL_DEQ_ITERS", 16, "[2,)")
+    h.deq_tol = h._get("DEQ_TOL", 0.0, "[0,)")
+    h.anderson_m = h._get("ANDERSON_M", 5, "[1,)")
+    h.anderson_lambda = h._get("ANDERSON_LAMBDA", 1e-4, "[0,)")
+    h.anderson_beta = h._get("ANDERSON_BETA", 1.0, "(0,1]")
+    h.phantom_steps = h._get("PHANTOM_STEPS", 4, "[1,)")
+    h.phantom_lambda = h._get("PHANTOM_LAMBDA", 0.8, "(0,1]")
+    if h.deq_tol > 0 and h.torch_compile:
+        raise RunError(f"DEQ_TOL={h.deq_tol} stops the solve early by reading the residual on the host, which a "
+                       "compiled graph cannot do: set TORCH_COMPILE=0 or DEQ_TOL=0")
+    if h.deq and (h.unet_skips or getattr(h, "mod_capacity", 0)):
+        raise RunError("DEQ=1 iterates one map to its fixed point: it does not combine with UNET_SKIPS or MOD_CAPACITY")
+
+
+EXTENSION_SETTINGS.append(deq_settings)
+DEQ_SOLVE = 0  # the depth argument that asks a DEQ model for its fixed point
+
+
+def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, iters: int, m: int, lam: float, beta: float,
+             tol: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Fixed point of f (on [batch, seq, dim]) by Anderson acceleration, each token mixing only
+    its own last m iterates: alpha = argmin |G^T a|^2 + lam |a|^2 with sum(a) = 1 over the
+    residuals G = f(x_i) - x_i, then x <- beta sum a_i f(x_i) + (1 - beta) sum a_i x_i. With a
+    causal f, position t never depends on a later one. Returns f of the last iterate and the
+    relative residual |f(z) - z| / |f(z)| there. m = 1 is plain iteration. History, Gram matrix,
+    solve and mixing are fp32 with autocast off (f itself runs under the caller's autocast): in
+    bf16 the Gram matrix's rounding error would swamp the ridge."""
+    shape, dtype, device = z0.shape, z0.dtype, z0.device
+    tokens = lambda z: z.reshape(-1, 1, shape[-1]).float()
+    xs, fs = [tokens(z0)], [tokens(f(z0))]
+    ones = torch.ones(xs[0].size(0), m, 1, device=device)
+    for k in range(1, iters):
+        n = min(k, m)
+        with torch.autocast(device.type, enabled=False):
+            X, Fx = torch.cat(xs[-n:], 1), torch.cat(fs[-n:], 1)  # [tokens, n, dim]
+            G = Fx - X
+            gram = G @ G.mT + lam * torch.eye(n, device=device)
+            alpha = torch.linalg.solve_ex(gram, ones[:, :n])[0]
+            alpha = alpha / alpha.sum(dim=1, keepdim=True)
+            x = beta * (alpha.mT @ Fx) + (1.0 - beta) * (alpha.mT @ X)
+        xs, fs = xs[-m + 1:] + [x], fs[-m + 1:] + [tokens(f(x.reshape(shape).to(dtype)))]
+        if tol > 0 and not torch.compiler.is_compiling() and float(relative_residual(xs[-1], fs[-1])) < tol:
+            break
+    return fs[-1].reshape(shape).to(dtype), relative_residual(xs[-1], fs[-1])
+
+
+def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
+    with torch.autocast(z.device.type, enabled=False):
+        return (fz - z).norm() / fz.norm().clamp_min(1e-12)
+
+
+def deq_solve(model: GPT, u: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], mode: Mode,
+              lora: dict | None) -> tuple[Tensor, Tensor]:
+    """The fixed point of z -> block(z, u), u the stem's output (the embedding without a stem),
+    found without gradients from z = u, then PHANTOM_STEPS damped steps with them (the unrolled
+    phantom gradient; 1 step at lambda 1 is JFB). Returns it and the solve's relative residual."""
+    args = model.args
+    f = lambda z: model.block(z, u, c, rope, mode.qat, lora)
+    with torch.no_grad():
+        z, residual = anderson(f, u, args.deq_iters if mode.training else args.eval_deq_iters, args.anderson_m,
+                               args.anderson_lambda, args.anderson_beta, args.deq_tol if mode.training else 0.0)
+    for _ in range(args.phantom_steps):
+        z = (1.0 - args.phantom_lambda) * z + args.phantom_lambda * f(z)
+    return z, residual
+# <<< deq
+
+
+# >>> ttt: score-first test-time training (PR #470; LoRA TTT and PR #549's full-weight TTT)
+def ttt_settings(h: Hyperparameters) -> None:
+    # Test-time training (TTT) scores each TTT_CHUNK_TOKENS chunk of the stream with the sliding
+    # windows, then adapts on it: rank-TTT_RANK LoRA on the head and on the attentions' q/v of the
+    # blocks of the layer plan with Adam (lora), or every weight with SGD (full); with TTT_RESET=doc
+    # each document starts from the artifact again, TTT_BATCH_DOCS side by side.
+    h.ttt_enabled = h._get("TTT_ENABLED", False)
+    h.ttt_mode = h._get("TTT_MODE", "lora")
+    h.ttt_reset = h._get("TTT_RESET", "doc")
+    h.ttt_rank = h._get("TTT_RANK", 8, "[1,)")
+    h.ttt_lr = h._get("TTT_LR", 0.01, "[0,)")
+    h.ttt_steps = h._get("TTT_STEPS", 1, "[1,)")
+    h.ttt_chunk_tokens = h._get("TTT_CHUNK_TOKENS", 256, "[1,)")
+    h.ttt_batch_docs = h._get("TTT_BATCH_DOCS", 64, "[1,)")
+    check_choice("TTT_MODE", h.ttt_mode, ("lora", "full"))
+    check_choice("TTT_RESET", h.ttt_reset, ("doc", "none"))
+    if h.ttt_mode == "full" and h.ttt_reset == "doc":
+        raise RunError("TTT_MODE=full adapts one copy of the weights, so it needs TTT_RESET=none")
+
+
+EXTENSION_SETTINGS.append(ttt_settings)
+
+
+# TTT_RESET=doc, is cut into TTT_CHUNK_TOKENS chunks. A chunk's sliding windows (those whose first
+# scored position lies in it) are scored under inference mode, and only then, unless it is the
+# last chunk, is the chunk trained on: its positions in seq_len windows, context reaching back
+# into already-scored tokens. Documents ("lanes") adapt side by side with their own adapters;
+# Adam's elementwise state keeps lanes independent.
+
+
+TTT_ADAM_EPS = 1e-10  # the LoRA TTT record's
+TTT_SGD_MOMENTUM = 0.9  # PR #549's full-weight TTT
+TTT_GRAD_CLIP = 1.0
+
+
+def adapted_blocks(model: GPT, depth: int) -> list[str]:
+    """The blocks TTT's adapters attach to: every block of the layer plan at `depth`, in plan order."""
+    return list(dict.fromkeys(layer.block for layer in layer_plan(model.args, depth)))
+
+
+def describe_ttt(model: GPT, args: Hyperparameters, depth: int) -> str:
+    adapted = "every weight" if args.ttt_mode == "full" else "head," + ",".join(adapted_blocks(model, depth))
+    return f"ttt mode:{args.ttt_mode} reset:{args.ttt_reset} chunk_tokens:{args.ttt_chunk_tokens} adapted:{adapted}"
+
+
+class LoRA(nn.Module):
+    # Per-lane rank-r adapters W + B @ A on the head and on c_q and c_v of every attention of the
+    # blocks the plan runs (adapted_blocks): A uniform in +-1/sqrt(in), B zero, so adaptation starts
+    # exactly at the artifact's model. A shared block has one adapter for all its passes.
+    def __init__(self, model: GPT, depth: int, lanes: int, rank: int, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        shapes = {("head", "head"): (model.args.model_dim, model.args.vocab_size)}
+        for name in adapted_blocks(model, depth):
+            for i, attn in enumerate(model.block_named(name).attns):
+                for proj, m in ((f"q{i}", attn.c_q), (f"v{i}", attn.c_v)):
+                    shapes[name, proj] = (m.in_features, m.out_features)
+        self.keys = {f"a{k}": target for k, target in enumerate(shapes)}  # parameter names cannot hold "."
+        device = model.tok_emb.weight.device
+        self.a = nn.ParameterDict({k: nn.Parameter(((torch.rand(lanes, rank, shapes[t][0], generator=gen) * 2 - 1)
+                                                    / math.sqrt(shapes[t][0])).to(device)) for k, t in self.keys.items()})
+        self.b = nn.ParameterDict({k: nn.Parameter(torch.zeros(lanes, shapes[t][1], rank, device=device))
+                                   for k, t in self.keys.items()})
+
+    def select(self, lanes: Tensor) -> dict[str, dict[str, tuple[Tensor, Tensor]]]:
+        """The lanes' adapters by block name, then by projection (the head's under "head")."""
+        adapters: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+        for k, (block, proj) in self.keys.items():
+            adapters.setdefault(block, {})[proj] = (self.a[k][lanes], self.b[k][lanes])
+        return adapters
+
+
+def doc_segments(val_tokens: Tensor) -> list[tuple[int, int]]:
+    # Position ranges of documents: each starts at a BOS input; its last position predicts the next BOS.
+    n = val_tokens.numel() - 1
+    starts = sorted({0, *torch.nonzero(val_tokens[:n] == BOS_ID).flatten().tolist()})
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def ttt_train_step(model: nn.Module, params: list[Tensor], tokens: Tensor, windows: np.ndarray, lane_counts: Tensor,
+                   depth: int, seq_len: int, batch: int, lora: LoRA | None) -> None:
+    """Accumulate the gradient of the sum over lanes of each lane's mean loss on its windows
+    (this rank's share), then sum it over ranks."""
+    for rows, *_, nats, _ in window_forwards(model, tokens, windows, depth, seq_len, batch, lora):
+        (nats / lane_counts[rows[:, 3], None]).sum().backward()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: int, val_tokens: Tensor, luts: ByteLUTs,
+             rank: int = 0, world_size: int = 1, per_position: Tensor | None = None) -> tuple[float, float]:
+    """Score-first test-time training over the validation stream; the model is restored afterwards."""
+    n, seq_len, chunk = val_tokens.numel() - 1, args.eval_seq_len, args.ttt_chunk_tokens
+    stride = args.eval_stride or seq_len
+    device = luts.base_bytes.device
+    tokens = F.pad(val_tokens.to(device, torch.int64), (0, seq_len))
+    if args.ttt_reset == "doc":  # longest first, so documents batched together end at about the same time
+        segments, lanes = sorted(doc_segments(val_tokens), key=lambda s: s[0] - s[1]), args.ttt_batch_docs
+    else:
+        segments, lanes = [(0, n)], 1
+    full, was_training = args.ttt_mode == "full", model.training
+    snapshot = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    base_model.requires_grad_(full)
+    model.eval()
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    for first in range(0, len(segments), lanes):
+        group = segments[first : first + lanes]
+        lora = None if full else LoRA(base_model, depth, len(group), args.ttt_rank, args.seed + first)
+        if full:
+            base_model.load_state_dict(snapshot)  # each group starts from the artifact's weights
+            params = list(base_model.parameters())
+            opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=TTT_SGD_MOMENTUM)
+        else:
+            params = list(lora.parameters())
+            opt = torch.optim.Adam(params, lr=args.ttt_lr, betas=(args.beta1, args.beta2), eps=TTT_ADAM_EPS)
+        # Each lane's scoring windows, grouped by the chunk holding their first scored position.
+        plans = []
+        for lane, (s0, s1) in enumerate(group):
+            scored = window_blocks(s0, s0, s1, seq_len, stride, seq_len, lane)
+            bounds = np.searchsorted((scored[:, 1] - s0) // chunk, np.arange((s1 - s0 - 1) // chunk + 2))
+            plans.append((s0, s1, scored, bounds))
+        for c in range((max(s1 - s0 for s0, s1 in group) - 1) // chunk + 1):
+            score, train = [], []
+            for lane, (s0, s1, scored, bounds) in enumerate(plans):
+                if c + 1 >= len(bounds):
+                    continue  # this document has ended
+                score.append(scored[bounds[c] : bounds[c + 1]])
+                c0, c1 = s0 + c * chunk, min(s0 + (c + 1) * chunk, s1)
+                if c1 < s1:  # never after a document's (or the stream's) last chunk
+                    if c1 > scored[bounds[c + 1] - 1, 2]:
+                        raise RuntimeError(f"TTT would train on unscored positions {c0}..{c1}")
+                    train.append(window_blocks(s0, c0, c1, seq_len, seq_len, seq_len, lane))
+            sums += eval_windows(model, tokens, rank_share(np.concatenate(score), rank, world_size), depth,
+                                 seq_len, args.eval_batch_seqs, luts, lora, per_position)
+            if not train:
+                continue
+            train_rows = np.concatenate(train)
+            lane_counts = torch.zeros(len(group), device=device).index_add_(
+                0, torch.from_numpy(train_rows[:, 3]).to(device),
+                torch.from_numpy(train_rows[:, 2] - train_rows[:, 1]).float().to(device)).clamp_min(1.0)
+            for _ in range(args.ttt_steps):
+                ttt_train_step(model, params, tokens, rank_share(train_rows, rank, world_size), lane_counts,
+                               depth, seq_len, args.eval_batch_seqs, lora)
+                if full:
+                    torch.nn.utils.clip_grad_norm_(params, TTT_GRAD_CLIP)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    base_model.load_state_dict(snapshot)
+    base_model.requires_grad_(True)
+    model.train(was_training)
+    return loss_and_bpb(sums)
+# <<< ttt
+
+
+# >>> ema: an exponential moving average of the weights, exported instead of them
+def ema_settings(h: Hyperparameters) -> None:
+    h.ema_decay = h._get("EMA_DECAY", 0.0, "[0,1)")  # 0 = off
+
+
+EXTENSION_SETTINGS.append(ema_settings)
 
 
 class EMA:
@@ -1751,6 +2457,19 @@ class EMA:
     def copy_to_model(self) -> None:
         for p, s in zip(self.params, self.shadow):
             p.copy_(s)
+# <<< ema
+
+
+# >>> checkpoints: resume a run exactly after a crash
+def checkpoint_settings(h: Hyperparameters) -> None:
+    # Every CHECKPOINT_EVERY steps (0 = never) to checkpoints/{RUN_ID}/step{N}.pt, the last
+    # CHECKPOINT_KEEP kept. RESUME_FROM: a checkpoint path, or "latest" of this RUN_ID.
+    h.checkpoint_every = h._get("CHECKPOINT_EVERY", 0, "[0,)")
+    h.checkpoint_keep = h._get("CHECKPOINT_KEEP", 2, "[1,)")
+    h.resume_from = h._get("RESUME_FROM", "")
+
+
+EXTENSION_SETTINGS.append(checkpoint_settings)
 
 
 # Settings a resumed run may change: naming, checkpointing, and what only evaluation and logging
@@ -1759,7 +2478,6 @@ RESUMABLE_KEYS = ("run_id", "resume_from", "checkpoint_every", "checkpoint_keep"
                   "val_batch_size", "size_check")
 CHECKPOINT_FORMAT = "checkpoint_v2"
 CHECKPOINT_NAME = re.compile(r"step(\d+)\.pt")
-CLOCK_FIELDS = ("local_ms", "elapsed_ms", "sync_step", "phase_step", "phase_ms", "step_ms")
 
 
 def checkpoint_config(args: Hyperparameters) -> dict[str, str]:
@@ -1810,24 +2528,10 @@ def load_checkpoint(path: Path, args: Hyperparameters, world_size: int, code: st
     return ckpt
 
 
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def move_aside(path: Path) -> None:
-    """Rename an earlier run's output to NAME.~k~, the first k free (as `cp --backup=numbered`)."""
-    k = 1
-    while path.with_name(f"{path.name}.~{k}~").exists():
-        k += 1
-    if path.exists():
-        path.rename(path.with_name(f"{path.name}.~{k}~"))
-
-
-def start_run(args: Hyperparameters, world_size: int, code: str) -> tuple[dict | None, int | None]:
-    """Rank 0, before the run writes anything: the checkpoint to resume from, and the length its
-    log is cut back to, to continue it (None: a new log). Refuses checkpoints this run would mix with
-    (RESUME_FROM=latest and pruning would confuse them), and moves an earlier run's log and
-    artifacts of this RUN_ID aside, so no file of another run looks like this one's."""
+def resume_checkpoint(args: Hyperparameters, world_size: int, code: str) -> dict | None:
+    """Rank 0, before the run writes anything: the checkpoint to resume from, if any. Refuses
+    checkpoints this run would mix with (RESUME_FROM=latest and pruning would confuse them), and
+    removes a checkpoint write a crash interrupted."""
     path = resolve_resume(args)
     ckpt = load_checkpoint(path, args, world_size, code) | {"path": str(path)} if path else None
     directory = Path("checkpoints", args.run_id)
@@ -1837,49 +2541,9 @@ def start_run(args: Hyperparameters, world_size: int, code: str) -> tuple[dict |
         raise RunError(f"{directory} holds checkpoints ({', '.join(found)}) " + (
             f"later than RESUME_FROM={path} (step {ckpt['step']}): move them away, or resume under another RUN_ID"
             if own else "of another run: continue it with RESUME_FROM=latest, or choose another RUN_ID"))
-    for cut_short in directory.glob(".step*.pt.tmp*"):  # a checkpoint write a crash interrupted
+    for cut_short in directory.glob(".step*.pt.tmp*"):
         cut_short.unlink()
-    move_aside(Path("artifacts", args.run_id))
-    log = Path("logs", f"{args.run_id}.txt")
-    if ckpt and ckpt["run_id"] == args.run_id and log.is_file() and log.stat().st_size >= ckpt["log_bytes"]:
-        return ckpt, ckpt["log_bytes"]
-    move_aside(log)
-    return ckpt, None
-
-
-def on_master(master: bool, distributed: bool, work: Callable[[], object]) -> object:
-    """Run `work` on rank 0 alone and give every rank its result, or its RunError, so that no rank
-    waits on one that failed and no rank reads a file only rank 0 wrote (nodes need not share a disk)."""
-    result, error = None, None
-    if master:
-        try:
-            result = work()
-        except Exception as e:
-            if not distributed:
-                raise
-            error = str(e) if isinstance(e, RunError) else f"rank 0 failed: {type(e).__name__}: {e}"
-    if distributed:
-        box = [(result, error)]
-        dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
-    if error is not None:
-        raise RunError(error)
-    return result
-
-
-def rng_state(device: torch.device) -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # keys: uint32, which torch 2.5 cannot save
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    return ckpt
 
 
 def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> tuple[Path, int]:
@@ -1895,406 +2559,7 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> tuple
     for old in older[: len(older) - (keep - 1)]:
         old.unlink()
     return path, buf.getbuffer().nbytes
-
-
-class Logger:
-    # Rank 0 writes logs/{RUN_ID}.txt: a new file, or a resumed run's own log cut back to `keep_bytes`.
-    def __init__(self, run_id: str, master: bool, keep_bytes: int | None = None):
-        self.master = master
-        self.path = Path("logs", f"{run_id}.txt")
-        if master:
-            self.path.parent.mkdir(exist_ok=True)
-            with open(self.path, "ab") as f:
-                f.truncate(keep_bytes or 0)
-            print(self.path)
-
-    def __call__(self, msg: str, console: bool = True) -> None:
-        if not self.master:
-            return
-        if console:
-            print(msg, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            print(msg, file=f)
-
-
-def load_inputs(args: Hyperparameters, device: torch.device) -> tuple[list[Path], Tensor, ByteLUTs]:
-    """Training shards, validation tokens and byte tables, each checked before any expensive work."""
-    if not Path(args.tokenizer_path).is_file():
-        raise RunError(f"TOKENIZER_PATH={args.tokenizer_path} does not exist")
-    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
-    if int(sp.vocab_size()) != args.vocab_size:
-        raise RunError(f"VOCAB_SIZE={args.vocab_size} does not match tokenizer vocab_size={int(sp.vocab_size())} "
-                       f"of TOKENIZER_PATH={args.tokenizer_path}")
-    train_files = train_shard_files(args.train_files)
-    val_tokens = load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
-    return train_files, val_tokens, build_byte_luts(sp, args.vocab_size, device)
-
-
-def log_header(log: Logger, code: str, args: Hyperparameters, device: torch.device) -> None:
-    """As the baseline's: the source, the versions (and nvidia-smi), then every setting, sorted."""
-    log(code, console=False)
-    log("=" * 100, console=False)
-    log(f"Running Python {sys.version}", console=False)
-    log(f"Running PyTorch {torch.__version__}", console=False)
-    if device.type == "cuda":
-        smi = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False)
-        log(smi.stdout, console=False)
-    log("=" * 100, console=False)
-    for name, value in sorted(vars(args).items()):
-        log(f"{name}:{value}", console=False)
-
-
-def train_step(model: nn.Module, next_batch: Callable[[], tuple[Tensor, Tensor]], depth: int, mode: Mode,
-               args: Hyperparameters, accum: int, device: torch.device, distributed: bool) -> tuple[Tensor, dict]:
-    """Forward/backward over `accum` micro-batches; returns the mean loss (on device, no sync) and
-    the last micro-batch's reports. A Mixture-of-Depths router loss is added to each position's."""
-    total = torch.zeros((), device=device)
-    for micro in range(accum):
-        if distributed:
-            model.require_backward_grad_sync = micro == accum - 1
-        x, y = next_batch()
-        with autocast(device):
-            nats, reports = model(x, y, depth, mode)
-            if "router_loss" in reports:
-                nats = nats + args.mod_aux_weight * reports["router_loss"]
-            loss = nats.mean()
-        (loss / accum).backward()
-        total += loss.detach()
-    return total / accum, reports
-
-
-def training_mode(args: Hyperparameters, qat_gate: Tensor) -> Mode:
-    """The forward of training: QAT's noise (scaled by `qat_gate`, 0 until QAT_START_FRAC) when on."""
-    qat = QAT(qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode) if args.noisy_qat else None
-    return Mode(qat=qat, training=True)
-
-
-def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimizers: list, mode: Mode,
-                  args: Hyperparameters, world_size: int, device: torch.device, distributed: bool, log: Logger) -> None:
-    """Compile every scheduled depth (train graph, and the eval graphs of the validation and
-    sliding-window batch shapes) on synthetic tokens, then restore the
-    initial weights and optimizer state so measured training starts from the true init. Validation
-    data is never touched here."""
-    depths = scheduled_depths(args)
-    accum = grad_accum_steps(world_size)
-    gen = torch.Generator().manual_seed(args.seed)
-
-    def synthetic(seqs: int, seq_len: int = args.train_seq_len) -> tuple[Tensor, Tensor]:
-        tokens = torch.randint(0, args.vocab_size, (seqs * seq_len + 1,), generator=gen)
-        return inputs_and_targets(tokens.to(device), seq_len)
-
-    micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
-    model_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
-    opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    steps = max(args.warmup_steps, len(depths))
-    for i in range(steps):
-        train_step(model, lambda: synthetic(micro_seqs), depths[i % len(depths)], mode, args, accum, device, distributed)
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
-            log(f"warmup_step:{i + 1}/{steps}")
-    compiled.eval()
-    eval_shapes = {(val_batch_seqs(args, world_size), args.train_seq_len)}
-    if args.eval_stride:
-        eval_shapes.add((args.eval_batch_seqs, args.eval_seq_len))
-    with torch.inference_mode(), autocast(device):
-        for depth in depths:
-            for shape in eval_shapes:
-                compiled(*synthetic(*shape), depth)
-    compiled.train()
-    base_model.load_state_dict(model_state)
-    for opt, state in zip(optimizers, opt_states):
-        opt.load_state_dict(state)
-    if distributed:
-        model.require_backward_grad_sync = True
-
-
-def main() -> None:
-    global zeropower_via_newtonschulz5, CPU_AUTOCAST
-    code = Path(__file__).read_text(encoding="utf-8")
-    check_torch_version(torch.__version__)
-    args = Hyperparameters()
-    distributed, rank, world_size, device = setup_distributed()
-    args.validate(world_size, device.type)
-    CPU_AUTOCAST = args.autocast == "bf16"
-    bf16 = device.type == "cuda" or CPU_AUTOCAST
-    master = rank == 0
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cuda.enable_flash_sdp(True)
-        for backend in (torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
-                        torch.backends.cuda.enable_math_sdp):
-            backend(False)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    train_files, val_tokens, luts = load_inputs(args, device)
-    token_ids_checked = check_token_ids(train_files, args.vocab_size)  # waited for before training
-    base_model = GPT(args).to(device)
-    code_bytes = len(code.encode("utf-8"))  # of the file that runs: pack it to count the packed bytes
-    estimate = estimate_artifact_bytes(base_model.state_dict(), args) + code_bytes
-    verdict = size_verdict(estimate, args)  # refuses a run clearly over the cap, before any training
-
-    # Rank 0 alone reads the checkpoint and prepares the run's files; every rank gets the result.
-    ckpt, keep_log_bytes = on_master(master, distributed, lambda: start_run(args, world_size, code))
-    log = Logger(args.run_id, master, keep_log_bytes)
-    if keep_log_bytes is None:  # a resumed run continuing its own log has it already
-        log_header(log, code, args, device)
-    for warning in setting_warnings(os.environ):
-        log(warning)
-    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
-    log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(train_files)}")
-    log(f"val_loader:shards pattern={args.val_files} tokens:{val_tokens.numel() - 1}")
-    if bf16:
-        # As in the baseline: a bf16 embedding makes the residual stream bf16, halving its memory.
-        base_model.tok_emb.bfloat16()
-    if args.torch_compile:
-        set_recompile_limit(torch._dynamo.config, 64)
-        zeropower_via_newtonschulz5 = torch.compile(zeropower_via_newtonschulz5)
-        compiled = torch.compile(base_model, dynamic=False, fullgraph=True)
-    else:
-        compiled = base_model
-    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False) if distributed else compiled
-    optimizers = build_optimizers(base_model, args)
-    qat_gate = torch.zeros((), device=device)  # a tensor, so turning QAT on never recompiles
-    mode = training_mode(args, qat_gate)
-    accum = grad_accum_steps(world_size)
-    schedule = args.layer_schedule
-
-    log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
-    seeded = [m for m in base_model.modules() if isinstance(m, SeedLoRALinear)]
-    if seeded:
-        log(f"seed_lora targets:{args.seed_lora_targets} rank:{args.seed_lora_rank} matrices:{len(seeded)} "
-            f"regenerated_params:{sum(m.random_map.numel() for m in seeded)} (not stored) "
-            f"adapter_params:{sum(m.lora_a.numel() + m.lora_b.numel() for m in seeded)}")
-    log(f"size_estimate {format_name(args)}: total:~{estimate} cap:{SIZE_CAP_BYTES} {verdict}")
-    log(f"world_size:{world_size} grad_accum_steps:{accum}")
-    log(f"device:{device.type} compile:{args.torch_compile} autocast_bf16:{bf16}")
-    log(f"attention_mode:gqa num_heads:{args.num_heads} num_kv_heads:{args.num_kv_heads} "
-        f"attn_per_block:{args.attn_per_block} mlp_layers:{args.mlp_layers} mlp_hidden:{int(args.mlp_mult * args.model_dim)}")
-    log(f"layer_schedule:{','.join(f'{s}:{d}' for s, d in schedule)} max_depth:{args.max_depth} "
-        f"stem_blocks:{args.num_stem_blocks} tail_blocks:{args.num_tail_blocks} norm_bias:{args.norm_bias}")
-    log(f"export:{format_name(args)} embed_bits:{args.embed_bits} clip_sigmas:{args.matrix_clip_sigmas},{args.embed_clip_sigmas} "
-        f"noisy_qat:{args.noisy_qat} qat_mode:{args.qat_mode} qat_start_frac:{args.qat_start_frac} ema_decay:{args.ema_decay}")
-    log(f"tie_embeddings:{args.tie_embeddings} embed_lr:{args.tied_embed_lr if args.tie_embeddings else args.embed_lr} "
-        f"head_lr:{0.0 if args.tie_embeddings else args.head_lr} matrix_lr:{args.matrix_lr} scalar_lr:{args.scalar_lr}")
-    log(f"train_batch_tokens:{args.train_batch_tokens} train_seq_len:{args.train_seq_len} "
-        f"iterations:{args.iterations} warmup_steps:{args.warmup_steps} "
-        f"max_wallclock_seconds:{args.max_wallclock_seconds:.3f}")
-    log(f"seed:{args.seed}")
-
-    if args.warmup_steps > 0:
-        prime_compile(model, compiled, base_model, optimizers, mode, args, world_size, device, distributed, log)
-    token_ids_checked()
-    graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    peaks: list[tuple[int, int]] = []  # CUDA's (allocated, reserved) peak bytes of the warmup and each phase
-
-    def mark_peak() -> str:
-        if device.type != "cuda":
-            return ""
-        peaks.append((torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()))
-        torch.cuda.reset_peak_memory_stats()
-        return f" peak_alloc:{peaks[-1][0] >> 20}MiB"
-
-    mark_peak()
-    ema = EMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
-
-    loader = DistributedTokenLoader(train_files, rank, world_size, device)
-    local_tokens = args.train_batch_tokens // (world_size * accum)
-    next_batch = lambda: loader.next_batch(local_tokens, args.train_seq_len)
-    clock = TrainClock(args, device, distributed)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    step, depth, stop, next_sync, qat_on = 0, args.depth_at(0), False, 1, False
-
-    eval_reports: dict[str, Tensor] = {}  # of the last validation's last batch
-
-    def evaluate_plain() -> tuple[float, float]:  # the baseline's metric, at the current depth
-        return evaluate(compiled, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len,
-                        val_batch_seqs(args, world_size), rank, world_size, reports=eval_reports)
-
-    def sync_clock() -> None:
-        if clock.measure(step, nonfinite):
-            raise RunError(f"training loss became NaN/inf by step {step}; stopping without an artifact "
-                           "(lower MATRIX_LR/EMBED_LR or set GRAD_CLIP_NORM)")
-
-    def log_phase_end() -> None:
-        steps = step - clock.phase_step
-        log(f"phase_end depth:{depth} steps:{steps} phase_step_avg:{(clock.elapsed_ms - clock.phase_ms) / max(steps, 1):.2f}ms"
-            f"{mark_peak()}")
-
-    if ckpt is not None:  # everything the loop carries, as it was after step ckpt["step"]
-        base_model.load_state_dict(ckpt["model"], strict=True)
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        if ema is not None:
-            ema.shadow = [t.to(device) for t in ckpt["ema"]]
-        loader.stream.seek(*ckpt["loader"])
-        for field in CLOCK_FIELDS:
-            setattr(clock, field, ckpt["clock"][field])
-        step, depth, next_sync, qat_on = ckpt["step"], ckpt["depth"], ckpt["next_sync"], ckpt["qat_on"]
-        qat_gate.fill_(float(qat_on))
-        set_rng_state(ckpt["rng"], device)
-        log(f"resumed_from:{ckpt['path']} step:{step} train_time:{clock.elapsed_ms:.0f}ms")
-        del ckpt
-    log(clock.describe())
-    log(f"layer_schedule_advance:step:{step} active_num_layers:{depth}")
-    log(describe_plan(depth, layer_plan(args, depth)))
-    clock.resume()
-    while True:
-        last_step = step == args.iterations or stop
-        # Validation first: a step that switches depth is scored at the depth trained up to it.
-        if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
-            sync_clock()
-            val_loss, val_bpb = evaluate_plain()
-            log(f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / max(step, 1):.2f}ms")
-            clock.resume()
-        if last_step:
-            if stop and step < args.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms:.0f}ms step:{step}/{args.iterations}")
-            break
-        if args.depth_at(step) != depth:
-            sync_clock()
-            log_phase_end()
-            new_depth = args.depth_at(step)
-            clock.begin_phase(step, args.pass_cost(new_depth) / args.pass_cost(depth))
-            depth = new_depth
-            log(f"layer_schedule_advance:step:{step} active_num_layers:{depth}")
-            log(describe_plan(depth, layer_plan(args, depth)))
-            if args.deq and depth == DEQ_SOLVE:
-                log(f"deq_solve_start step:{step} deq_iters:{args.deq_iters} eval_deq_iters:{args.eval_deq_iters} "
-                    f"anderson_m:{args.anderson_m} phantom_steps:{args.phantom_steps}")
-            next_sync = step + 1
-
-        if args.noisy_qat and not qat_on and clock.progress(step) >= args.qat_start_frac:
-            qat_gate.fill_(1.0)
-            qat_on = True
-            log(f"qat_start step:{step} mode:{args.qat_mode} grid:int{args.quant_bits}")
-        scale = clock.lr_mul(step)
-        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
-        optimizers[0].param_groups[0]["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * scale
-        train_loss, reports = train_step(model, next_batch, depth, mode, args, accum, device, distributed)
-        if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
-        nonfinite |= ~torch.isfinite(train_loss)
-        step += 1
-
-        log_now = args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0)
-        if log_now or step >= next_sync or clock.due():
-            sync_clock()
-            stop = clock.out_of_time()
-            next_sync = clock.next_sync(step)
-            if log_now:
-                if distributed:
-                    dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
-                    train_loss /= world_size
-                deq = f" deq_residual:{reports['deq_residual'].item():.4f}" if "deq_residual" in reports else ""
-                log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
-                    f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / step:.2f}ms{deq}")
-        if args.checkpoint_every and step % args.checkpoint_every == 0:
-            sync_clock()  # a checkpoint is only written of a healthy run, and its time is not training time
-            t0 = time.perf_counter()
-            state = {"format": CHECKPOINT_FORMAT, "config": checkpoint_config(args), "world_size": world_size,
-                     "step": step, "depth": depth, "next_sync": next_sync, "qat_on": qat_on,
-                     "model": base_model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
-                     "ema": ema.shadow if ema is not None else None, "rng": rng_state(device),
-                     "loader": (loader.stream.file_idx, loader.stream.pos),
-                     "clock": {field: getattr(clock, field) for field in CLOCK_FIELDS},
-                     "run_id": args.run_id, "code_sha256": sha256(code)}
-            path, nbytes = on_master(master, distributed, lambda: save_checkpoint(
-                Path("checkpoints", args.run_id), step, state | {"log_bytes": log.path.stat().st_size}, args.checkpoint_keep))
-            log(f"checkpoint step:{step} path:{path} bytes:{nbytes} write_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-            clock.resume()
-
-    log_phase_end()
-    if args.deq and depth == DEQ_SOLVE:  # the last solve was the final validation's
-        log(f"deq_residual eval_deq_iters:{args.eval_deq_iters} residual:{eval_reports['deq_residual'].item():.4f}")
-    if args.mod_capacity:
-        topk_loss, topk_bpb = evaluate(TopkRouting(base_model), val_tokens, luts, depth, args.train_seq_len,
-                                       args.train_seq_len, val_batch_seqs(args, world_size), rank, world_size)
-        log(f"mod_routing causal_val_bpb:{val_bpb:.4f} topk_val_bpb:{topk_bpb:.4f} gap:{val_bpb - topk_bpb:+.4f} "
-            f"(the scored, causal rule minus the training-time top-k)")
-    tokens_per_s = step * args.train_batch_tokens / max(clock.elapsed_ms / 1000.0, 1e-9)
-    log(f"train_summary steps:{step} train_time:{clock.elapsed_ms:.0f}ms tokens_per_s:{tokens_per_s:.0f}")
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    log(f"compile_stats unique_graphs:{graphs} recompiles_after_warmup:{graphs - graphs_after_warmup}")
-    if device.type == "cuda":
-        log(f"peak memory allocated: {max(a for a, _ in peaks) >> 20} MiB reserved: {max(r for _, r in peaks) >> 20} MiB")
-
-    # The weights to export: the EMA's when on, its effect measured against the trained weights.
-    if ema is not None:
-        ema.copy_to_model()
-        raw_bpb, (val_loss, val_bpb) = val_bpb, evaluate_plain()
-        log(f"ema decay:{args.ema_decay} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} raw_val_bpb:{raw_bpb:.4f} "
-            f"delta_bpb:{val_bpb - raw_bpb:+.4f}")
-    log(f"final_prequant_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
-
-    # Export to artifacts/{RUN_ID}/, written atomically by rank 0 (the float weights too, for
-    # re-exporting in other formats); every rank gets the artifact's bytes and scores the roundtrip.
-    fmt = format_name(args)
-    artifact = Path("artifacts", args.run_id, f"final_model.int{args.quant_bits}.ptz")
-    blob = on_master(master, distributed, lambda: export_artifact(base_model.state_dict(), args, artifact))
-    model_bytes = len(blob)
-    log(f"artifact:{artifact}")
-    total = model_bytes + code_bytes
-    log(f"Serialized model {fmt}: {model_bytes} bytes (code:{code_bytes} bytes)")
-    log(f"Total submission size {fmt}: {total} bytes")
-    verdict = f"OVER the cap by {total - SIZE_CAP_BYTES} bytes" if total > SIZE_CAP_BYTES else \
-        f"fits with {SIZE_CAP_BYTES - total} bytes to spare"
-    log(f"size_check: total:{total} cap:{SIZE_CAP_BYTES} estimate:{estimate} {verdict}")
-    load_weights(base_model, load_artifact(artifact, blob), str(artifact))
-
-    # Final evaluations of the dequantized artifact, each timed; the last one run is the score.
-    eval_ms: dict[str, float] = {}
-
-    def timed_eval(label: str, run: Callable[[], tuple[float, float]], extra: str = "") -> float:
-        synchronize(device)
-        t0 = time.perf_counter()
-        loss, bpb = run()
-        synchronize(device)
-        eval_ms[label] = 1000.0 * (time.perf_counter() - t0)
-        log(f"{label} {extra}val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms[label]:.0f}ms")
-        log(f"{label}_exact {extra}val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-        return bpb
-
-    roundtrip = f"final_{fmt.replace('+', '_')}_roundtrip"
-    score = timed_eval(roundtrip, evaluate_plain)
-    log(f"quant_gap {fmt} val_bpb:{score - val_bpb:+.8f} (roundtrip minus pre-quant)")
-    if args.eval_stride:
-        score = timed_eval("final_sliding_window", lambda: evaluate(
-            compiled, val_tokens, luts, depth, args.eval_seq_len, args.eval_stride, args.eval_batch_seqs,
-            rank, world_size), f"stride:{args.eval_stride} ")
-    if args.ttt_enabled:
-        score = timed_eval("final_ttt", lambda: eval_ttt(compiled, base_model, args, depth, val_tokens, luts,
-                                                         rank, world_size))
-    budget_ms = 1000.0 * TIME_BUDGET_SECONDS
-    ok = lambda used, cap: "ok" if used <= cap else "OVER"
-    log(f"compliance train_time:{clock.elapsed_ms:.0f}ms/{budget_ms:.0f}ms:{ok(clock.elapsed_ms, budget_ms)} "
-        f"eval_time:{sum(eval_ms.values()):.0f}ms/{budget_ms:.0f}ms:{ok(sum(eval_ms.values()), budget_ms)} "
-        f"({' '.join(f'{k}:{v:.0f}ms' for k, v in eval_ms.items())}) "
-        f"artifact:{total}/{SIZE_CAP_BYTES}:{ok(total, SIZE_CAP_BYTES)} val_tokens_trained_before_scoring:0 "
-        f"score:{list(eval_ms)[-1]}_exact val_bpb:{score:.8f}")
-    if distributed:
-        dist.barrier()  # no rank leaves while another may still need it
-        dist.destroy_process_group()
-    if total > SIZE_CAP_BYTES:
-        raise RunError(f"the artifact ({total} bytes with the code) is over the {SIZE_CAP_BYTES}-byte cap by "
-                       f"{total - SIZE_CAP_BYTES} bytes; everything was written, but it cannot be submitted")
+# <<< checkpoints
 
 
 if __name__ == "__main__":

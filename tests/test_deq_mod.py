@@ -93,7 +93,7 @@ def test_phantom_step_at_lambda_1_is_the_jacobian_free_gradient():
     rope = train_gpt.rotary_tables(x.size(1), 8, 10000.0, x.device)
     inputs = []
     hook = model.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
-    z, residual = model.deq_solve(x0, model.controls.at(0), rope, train_gpt.Mode(training=True), None)
+    z, residual = train_gpt.deq_solve(model, x0, model.controls.at(0), rope, train_gpt.Mode(training=True), None)
     hook.remove()
     params = list(model.block.parameters())
     deq_grads = torch.autograd.grad(z.square().sum(), params)
@@ -165,8 +165,8 @@ def test_mod_causal_rule_equals_processing_only_the_chosen_tokens():
     c = model.controls.at(0)
     rope = train_gpt.rotary_tables(32, 8, 10000.0, x.device)
     with torch.no_grad():
-        out, _ = model.routed_pass(model.block, x, x0, c, rope, train_gpt.Mode(), None)
-        weight = torch.sigmoid(x @ c.router)
+        out, _ = train_gpt.routed_pass(model, model.block, x, x0, c, model.controls.router[0], rope, train_gpt.Mode(), None)
+        weight = torch.sigmoid(x @ model.controls.router[0])
         counts = (weight > 0.5).sum(dim=1).tolist()
         assert len(set(counts)) > 1 and 0 < min(counts) and max(counts) < 32  # rows differ
         for b in range(3):
