@@ -290,8 +290,8 @@ def env_value(value: str) -> str:
 
 
 def is_self(node: ast.AST, attr: str | None = None) -> bool:
-    return (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
-            and attr in (None, node.attr))
+    """An attribute of a plain name: self.x in Hyperparameters, h.x in an extension's settings reader."""
+    return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and attr in (None, node.attr)
 
 
 def default_value(node: ast.expr, known: dict):
@@ -305,17 +305,16 @@ def default_value(node: ast.expr, known: dict):
 
 
 def script_defaults(source: str, path: Path) -> dict[str, str]:
-    """The defaults of Hyperparameters' `self.x = self._get("X", default, ...)` settings, read from the
+    """The defaults of the settings (`self.x = self._get("X", default, ...)`, or `h.x = h._get(...)` in an
+    extension's reader), read from the
     source without running it (nothing in a log is executed). A default of any other form (the
     run_id's uuid) is left out, so that setting is always named in the launch command."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError, RecursionError) as e:
         raise SubmissionError(f"{path}: the embedded code is not Python ({type(e).__name__})") from None
-    inits = [f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "Hyperparameters"
-             for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"]
-    known = {}
-    for node in sorted((n for f in inits for n in ast.walk(f) if isinstance(n, ast.Assign)), key=lambda n: n.lineno):
+    known = {}  # settings are read in file order: Hyperparameters' groups, then the extensions' readers
+    for node in sorted((n for n in ast.walk(tree) if isinstance(n, ast.Assign)), key=lambda n: n.lineno):
         target, call = node.targets[0], node.value
         if not (len(node.targets) == 1 and is_self(target) and isinstance(call, ast.Call)
                 and is_self(call.func, "_get") and len(call.args) >= 2):

@@ -204,7 +204,7 @@ def test_out_of_vocab_training_shard_stops_the_run_before_training(tmp_path, dat
 
 def test_a_nonfinite_training_loss_stops_the_run_without_an_artifact(tmp_path, dataset):
     patch = ("step = train_gpt.train_step\n"
-             "train_gpt.train_step = lambda *a, **k: step(*a, **k) * float('nan')")
+             "train_gpt.train_step = lambda *a, **k: (lambda loss, reports: (loss * float('nan'), reports))(*step(*a, **k))")
     result = run_patched(tmp_path, {**dataset, **TINY, "ITERATIONS": "4", "RUN_ID": "n"}, patch)
     assert result.returncode == 1
     assert "training loss became NaN/inf by step 1" in result.stderr.strip().splitlines()[-1]
