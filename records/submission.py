@@ -305,10 +305,10 @@ def default_value(node: ast.expr, known: dict):
 
 
 def script_defaults(source: str, path: Path) -> dict[str, str]:
-    """The defaults of the settings (`self.x = self._get("X", default, ...)`, or `h.x = h._get(...)` in an
-    extension's reader), read from the
-    source without running it (nothing in a log is executed). A default of any other form (the
-    run_id's uuid) is left out, so that setting is always named in the launch command."""
+    """The defaults of the settings (`self.x = self._get("X", default, ...)` in Hyperparameters, `h.x =
+    h._get(...)` in an extension's reader), read from the source without running it (nothing in a log
+    is executed). A default of any other form (the run_id's uuid) is left out, so that setting is
+    always named in the launch command."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError, RecursionError) as e:
