@@ -90,13 +90,8 @@ class Hyperparameters:
 
     def _training(self) -> None:
         self.iterations = self._get("ITERATIONS", 20000, "[0,)")
+        # The LR decays linearly to 0 over the last WARMDOWN_ITERS steps: by the wallclock when capped.
         self.warmdown_iters = self._get("WARMDOWN_ITERS", 1200, "[0,)")
-        # Step-based warmdown (PR #470), independent of the wallclock: linear from
-        # WARMDOWN_START_STEP, or from the last WARMDOWN_FRAC of ITERATIONS, to 0 at ITERATIONS.
-        # Either replaces WARMDOWN_ITERS. MIN_LR_FRAC floors the LR multiplier of any schedule.
-        self.warmdown_start_step = self._get("WARMDOWN_START_STEP", 0, "[0,)")
-        self.warmdown_frac = self._get("WARMDOWN_FRAC", 0.0, "[0,1)")
-        self.min_lr_frac = self._get("MIN_LR_FRAC", 0.0, "[0,1)")
         self.warmup_steps = self._get("WARMUP_STEPS", 20, "[0,)")
         self.train_batch_tokens = self._get("TRAIN_BATCH_TOKENS", 524_288, "[1,)")
         self.train_seq_len = self._get("TRAIN_SEQ_LEN", 1024, "[1,)")
@@ -123,11 +118,6 @@ class Hyperparameters:
         # challenge's 9-layer baseline.
         self.num_stem_blocks = self._get("NUM_STEM_BLOCKS", 0, "[0,)")
         self.num_tail_blocks = self._get("NUM_TAIL_BLOCKS", 0, "[0,)")
-        # U-Net across the stack (PR #470): its first half stores its outputs, the second half adds
-        # them back in reverse order, times learned skip weights. UNET_WEIGHTS=2 gives the core's
-        # passes in each half their own shared block.
-        self.unet_skips = self._get("UNET_SKIPS", False)
-        self.unet_weights = self._get("UNET_WEIGHTS", 1, "[1,2]")
 
     def _optimizer(self) -> None:
         self.embed_lr = self._get("EMBED_LR", 0.6, "[0,)")
@@ -252,16 +242,6 @@ class Hyperparameters:
             raise RunError(f"MLP_MULT={self.mlp_mult} gives an empty MLP")
         if self.eval_stride > self.eval_seq_len:
             raise RunError(f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}: tokens would go unscored")
-        if self.warmdown_start_step and self.warmdown_frac:
-            raise RunError("set one of WARMDOWN_START_STEP and WARMDOWN_FRAC, not both")
-        if self.warmdown_start_step and self.warmdown_start_step >= self.iterations:
-            raise RunError(f"WARMDOWN_START_STEP={self.warmdown_start_step} must be below ITERATIONS={self.iterations}")
-        if self.unet_weights == 2 and not self.unet_skips:
-            raise RunError("UNET_WEIGHTS=2 needs UNET_SKIPS=1")
-        stem, tail = self.num_stem_blocks, self.num_tail_blocks
-        if self.unet_weights == 2 and any(not stem < (stem + d + tail) // 2 < stem + d for _, d in self.layer_schedule):
-            raise RunError("UNET_WEIGHTS=2 needs core passes in both halves of the stack at every depth of "
-                           f"NUM_LAYER_SCHEDULE (with NUM_STEM_BLOCKS={stem} and NUM_TAIL_BLOCKS={tail})")
         if self.compressor == "zstd":
             try:
                 import zstandard  # noqa: F401
@@ -455,11 +435,13 @@ class TokenStream:
         self.tokens = load_data_shard(files[0])
         self.next_tokens = self.pool.submit(load_data_shard, files[1 % len(files)])
 
+    # >>> checkpoints
     def seek(self, file_idx: int, pos: int) -> None:
         # Continue from a checkpoint's position.
         self.file_idx, self.pos, self.tokens = file_idx, pos, load_data_shard(self.files[file_idx])
         self.next_tokens = self.pool.submit(load_data_shard, self.files[(file_idx + 1) % len(self.files)])
 
+    # <<< checkpoints
     def _advance(self) -> None:
         self.file_idx = (self.file_idx + 1) % len(self.files)
         self.tokens, self.pos = self.next_tokens.result(), 0
@@ -766,7 +748,7 @@ class Layer(NamedTuple):
 
 def layer_plan(args: Hyperparameters, depth: int) -> list[Layer]:
     """The stack at `depth`: the stem's blocks, `depth` passes of the shared core, then the tail's
-    blocks, with their control rows, kinds and U-Net skips."""
+    blocks, with their control rows, kinds and skips."""
     stem, tail = args.num_stem_blocks, args.num_tail_blocks
     core, core_rows = [Layer("block", "block", stem + d) for d in range(depth)], args.max_depth
     # >>> mod
@@ -780,12 +762,9 @@ def layer_plan(args: Hyperparameters, depth: int) -> list[Layer]:
     # <<< deq
     plan = ([Layer("block", f"stem.{i}", i) for i in range(stem)] + core
             + [Layer("block", f"tail.{j}", stem + core_rows + j) for j in range(tail)])
-    if args.unet_skips:  # the first half keeps its outputs; the second adds them back in reverse order
-        half = len(plan) // 2
-        decoder = "decoder_block" if args.unet_weights == 2 else "block"
-        plan = [layer._replace(push=True) if i < half else
-                layer._replace(pop=i - half if i < 2 * half else -1, block=decoder if layer.block == "block" else layer.block)
-                for i, layer in enumerate(plan)]
+    # >>> unet
+    plan = unet_plan(args, plan)
+    # <<< unet
     return plan
 
 
@@ -824,7 +803,9 @@ class GPT(nn.Module):
         # <<< seed_lora
         self.stem = nn.ModuleList([Block(args, linear) for _ in range(args.num_stem_blocks)])
         self.block = Block(args, linear)  # the shared core
+        # >>> unet
         self.decoder_block = Block(args, linear) if args.unet_weights == 2 else None
+        # <<< unet
         self.tail = nn.ModuleList([Block(args, linear) for _ in range(args.num_tail_blocks)])
         plans = {depth: layer_plan(args, depth) for depth in scheduled_depths(args)}
         rows = 1 + max(layer.row for plan in plans.values() for layer in plan)
@@ -833,8 +814,10 @@ class GPT(nn.Module):
         if args.mod_capacity:  # each layer's router: a row of the controls
             self.controls.router = nn.Parameter(torch.zeros(rows, args.model_dim))
         # <<< mod
+        # >>> unet
         layers = len(self.stem) + args.max_depth + len(self.tail)
         self.skip_weights = nn.Parameter(torch.ones(layers // 2, args.model_dim)) if args.unet_skips else None
+        # <<< unet
         self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
@@ -858,8 +841,10 @@ class GPT(nn.Module):
                 problem = f"control row {layer.row} of {self.controls.rows}"
             elif not isinstance(blocks.get(layer.block), Block):
                 problem = f"block {layer.block}"
+            # >>> unet
             elif layer.pop >= 0 and (kept <= len(popped) or layer.pop in popped or layer.pop >= len(self.skip_weights)):
                 problem = f"skip weight {layer.pop} and a kept skip"
+            # <<< unet
             else:
                 popped |= {layer.pop} - {-1}
                 kept += layer.push
@@ -879,10 +864,14 @@ class GPT(nn.Module):
         x = x0 = rms_norm(x)
         rope = rotary_tables(input_ids.size(1), args.model_dim // args.num_heads, args.rope_base, input_ids.device)
         reports: dict[str, Tensor] = {}
+        # >>> unet
         skips: list[Tensor] = []
+        # <<< unet
         for layer in layer_plan(args, depth):
+            # >>> unet
             if layer.pop >= 0:
                 x = x + self.skip_weights[layer.pop].to(x.dtype) * skips.pop()
+            # <<< unet
             block, c, lora = self.block_named(layer.block), self.controls.at(layer.row), adapters.get(layer.block)
             if layer.kind == "block":
                 x = block(x, x0, c, rope, mode.qat, lora)
@@ -896,8 +885,10 @@ class GPT(nn.Module):
             if layer.kind == "solve":
                 x, reports["deq_residual"] = deq_solve(self, x, c, rope, mode, lora)
             # <<< deq
+            # >>> unet
             if layer.push:
                 skips.append(x)
+            # <<< unet
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         logits = add_lora(logits, x, adapters.get("head", {}).get("head"))
@@ -932,7 +923,7 @@ PARAM_ROLES = {
     "head": r"lm_head\.weight",
     # Adam at SCALAR_LR; float in the artifact. Controls fp32, as the baseline and PR #1088 store
     # theirs; norm biases fp16, as PR #1088's.
-    "control": r"controls\.(attn_scale|mlp_scale|resid_mix)|skip_weights|(.*\.)?q_gain",
+    "control": r"controls\.(attn_scale|mlp_scale|resid_mix)|(.*\.)?q_gain",
     "norm_bias": r"controls\.(attn|mlp)_norm_bias",
 }
 QUANT_FORMAT = "per_row_v2"
@@ -1405,30 +1396,24 @@ class TrainClock:
     def estimate_ms(self, step: int) -> float:
         return self.elapsed_ms + (step - self.sync_step) * (self.step_ms or 0.0)
 
-    def warmdown_start(self) -> int | None:
-        """First step of the step-based warmdown, or None for the WARMDOWN_ITERS schedule."""
-        args = self.args
-        if args.warmdown_start_step:
-            return args.warmdown_start_step
-        return int(args.iterations * (1.0 - args.warmdown_frac)) if args.warmdown_frac else None
-
     def describe(self) -> str:
-        args, start = self.args, self.warmdown_start()
-        if start is not None:
-            shape = f"steps warmdown:{start}->{args.iterations}"
-        elif args.warmdown_iters <= 0:
-            shape = "constant"
-        else:
-            shape = f"{'wallclock' if self.cap_ms else 'steps'} warmdown_iters:{args.warmdown_iters}"
-        return f"lr_schedule:{shape} min_lr_frac:{args.min_lr_frac}"
+        args = self.args
+        shape = "constant" if args.warmdown_iters <= 0 else \
+            f"{'wallclock' if self.cap_ms else 'steps'} warmdown_iters:{args.warmdown_iters}"
+        # >>> warmdown_steps
+        shape = describe_step_warmdown(args, shape)
+        # <<< warmdown_steps
+        return f"lr_schedule:{shape}"
 
     def lr_mul(self, step: int) -> float:
-        return max(self._warmdown_mul(step), self.args.min_lr_frac)
+        mul = self._warmdown_mul(step)
+        # >>> warmdown_steps
+        mul = step_warmdown_mul(self.args, step, mul)
+        # <<< warmdown_steps
+        return mul
 
     def _warmdown_mul(self, step: int) -> float:
-        args, start = self.args, self.warmdown_start()
-        if start is not None:
-            return min(max((args.iterations - step) / (args.iterations - start), 0.0), 1.0)
+        args = self.args
         if args.warmdown_iters <= 0:
             return 1.0
         if self.cap_ms is None:
@@ -1565,24 +1550,6 @@ def training_mode(args: Hyperparameters, qat_gate: Tensor) -> Mode:
     """The forward of training: QAT's noise (scaled by `qat_gate`, 0 until QAT_START_FRAC) when on."""
     qat = QAT(qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode) if args.noisy_qat else None
     return Mode(qat=qat, training=True)
-
-
-CLOCK_FIELDS = ("local_ms", "elapsed_ms", "sync_step", "phase_step", "phase_ms", "step_ms")  # TrainClock's state
-
-
-def rng_state(device: torch.device) -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # keys: uint32, which torch 2.5 cannot save
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimizers: list, mode: Mode,
@@ -1733,7 +1700,7 @@ def log_config(run: Run, verdict: str) -> None:
 
 class Trainer:
     """The training loop, and everything it carries from one step to the next: what a checkpoint
-    saves and a resume restores (state_dict, load_state_dict)."""
+    saves and a resume restores (state_dict, load_state_dict, with the checkpoints system)."""
 
     def __init__(self, run: Run):
         self.run, self.args, self.log = run, run.args, run.log
@@ -1871,32 +1838,28 @@ class Trainer:
         self.step += 1
         return train_loss, reports
 
+    # >>> checkpoints
     def state_dict(self) -> dict:
         """Everything the loop carries, as it is after step `self.step` (what a checkpoint saves)."""
-        state = {"step": self.step, "depth": self.depth, "next_sync": self.next_sync, "qat_on": self.qat_on,
-                 "model": self.run.base_model.state_dict(), "optimizers": [opt.state_dict() for opt in self.optimizers],
-                 "rng": rng_state(self.run.device), "loader": (self.loader.stream.file_idx, self.loader.stream.pos),
-                 "clock": {field: getattr(self.clock, field) for field in CLOCK_FIELDS}}
-        # >>> ema
-        state["ema"] = self.ema.shadow if self.ema is not None else None
-        # <<< ema
-        return state
+        ema = getattr(self, "ema", None)  # the EMA system's, when it is in the script and on
+        return {"step": self.step, "depth": self.depth, "next_sync": self.next_sync, "qat_on": self.qat_on,
+                "model": self.run.base_model.state_dict(), "optimizers": [opt.state_dict() for opt in self.optimizers],
+                "ema": ema.shadow if ema is not None else None, "rng": rng_state(self.run.device),
+                "loader": (self.loader.stream.file_idx, self.loader.stream.pos),
+                "clock": {field: getattr(self.clock, field) for field in CLOCK_FIELDS}}
 
     def load_state_dict(self, state: dict) -> None:
         self.run.base_model.load_state_dict(state["model"], strict=True)
         for opt, opt_state in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
-        # >>> ema
-        if self.ema is not None:
+        if getattr(self, "ema", None) is not None:
             self.ema.shadow = [t.to(self.run.device) for t in state["ema"]]
-        # <<< ema
         self.loader.stream.seek(*state["loader"])
         for field in CLOCK_FIELDS:
             setattr(self.clock, field, state["clock"][field])
         self.step, self.depth, self.next_sync, self.qat_on = state["step"], state["depth"], state["next_sync"], state["qat_on"]
         self.qat_gate.fill_(float(self.qat_on))
         set_rng_state(state["rng"], self.run.device)
-    # >>> checkpoints
 
     def save_checkpoint(self) -> None:
         run, args = self.run, self.args
@@ -1995,10 +1958,12 @@ def main() -> None:
     run, ckpt = setup_run()
     trainer = Trainer(run)
     trainer.warm_up()
+    # >>> checkpoints
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
         run.log(f"resumed_from:{ckpt['path']} step:{trainer.step} train_time:{trainer.clock.elapsed_ms:.0f}ms")
         del ckpt
+    # <<< checkpoints
     trainer.loop()
     log_training_summary(trainer)
     total = export_and_score(trainer)
@@ -2016,6 +1981,74 @@ def main() -> None:
 # Each optional system is one block: its settings reader (appended to EXTENSION_SETTINGS), its
 # parameters' roles (added to PARAM_ROLES), its modules and functions. The hook lines in the core
 # that call it are marked with its name, so `records/submission.py strip` deletes both.
+
+# >>> unet: U-Net skips across the stack (PR #470; the challenge's baseline)
+def unet_settings(h: Hyperparameters) -> None:
+    # The stack's first half keeps its outputs, the second half adds them back in reverse order,
+    # times learned skip weights. UNET_WEIGHTS=2 gives the core's passes in each half their own
+    # shared block.
+    h.unet_skips = h._get("UNET_SKIPS", False)
+    h.unet_weights = h._get("UNET_WEIGHTS", 1, "[1,2]")
+    if h.unet_weights == 2 and not h.unet_skips:
+        raise RunError("UNET_WEIGHTS=2 needs UNET_SKIPS=1")
+    stem, tail = h.num_stem_blocks, h.num_tail_blocks
+    if h.unet_weights == 2 and any(not stem < (stem + d + tail) // 2 < stem + d for _, d in h.layer_schedule):
+        raise RunError("UNET_WEIGHTS=2 needs core passes in both halves of the stack at every depth of "
+                       f"NUM_LAYER_SCHEDULE (with NUM_STEM_BLOCKS={stem} and NUM_TAIL_BLOCKS={tail})")
+
+
+EXTENSION_SETTINGS.append(unet_settings)
+PARAM_ROLES["control"] += r"|skip_weights"
+
+
+def unet_plan(args: Hyperparameters, plan: list[Layer]) -> list[Layer]:
+    if not args.unet_skips:
+        return plan
+    half = len(plan) // 2  # with one layer, no skips
+    decoder = "decoder_block" if args.unet_weights == 2 else "block"
+    return [layer._replace(push=True) if i < half else
+            layer._replace(pop=i - half if i < 2 * half else -1, block=decoder if layer.block == "block" else layer.block)
+            for i, layer in enumerate(plan)]
+# <<< unet
+
+
+# >>> warmdown_steps: a step-based warmdown (PR #470) and a floor under the LR
+def warmdown_steps_settings(h: Hyperparameters) -> None:
+    # Linear from WARMDOWN_START_STEP, or from the last WARMDOWN_FRAC of ITERATIONS, to 0 at
+    # ITERATIONS, independent of the wallclock; either replaces WARMDOWN_ITERS. MIN_LR_FRAC floors
+    # the LR multiplier of any schedule.
+    h.warmdown_start_step = h._get("WARMDOWN_START_STEP", 0, "[0,)")
+    h.warmdown_frac = h._get("WARMDOWN_FRAC", 0.0, "[0,1)")
+    h.min_lr_frac = h._get("MIN_LR_FRAC", 0.0, "[0,1)")
+    if h.warmdown_start_step and h.warmdown_frac:
+        raise RunError("set one of WARMDOWN_START_STEP and WARMDOWN_FRAC, not both")
+    if h.warmdown_start_step and h.warmdown_start_step >= h.iterations:
+        raise RunError(f"WARMDOWN_START_STEP={h.warmdown_start_step} must be below ITERATIONS={h.iterations}")
+
+
+EXTENSION_SETTINGS.append(warmdown_steps_settings)
+
+
+def step_warmdown_start(args: Hyperparameters) -> int | None:
+    """First step of the step-based warmdown, or None for the WARMDOWN_ITERS schedule."""
+    if args.warmdown_start_step:
+        return args.warmdown_start_step
+    return int(args.iterations * (1.0 - args.warmdown_frac)) if args.warmdown_frac else None
+
+
+def step_warmdown_mul(args: Hyperparameters, step: int, mul: float) -> float:
+    """The LR multiplier: the step-based warmdown's instead of `mul` when set, floored at MIN_LR_FRAC."""
+    start = step_warmdown_start(args)
+    if start is not None:
+        mul = min(max((args.iterations - step) / (args.iterations - start), 0.0), 1.0)
+    return max(mul, args.min_lr_frac)
+
+
+def describe_step_warmdown(args: Hyperparameters, shape: str) -> str:
+    start = step_warmdown_start(args)
+    return (shape if start is None else f"steps warmdown:{start}->{args.iterations}") + f" min_lr_frac:{args.min_lr_frac}"
+# <<< warmdown_steps
+
 
 # >>> hash_embed: hash n-gram embeddings (PR #470, the records' BigramHash)
 def hash_embed_settings(h: Hyperparameters) -> None:
@@ -2220,7 +2253,7 @@ def deq_settings(h: Hyperparameters) -> None:
     if h.deq_tol > 0 and h.torch_compile:
         raise RunError(f"DEQ_TOL={h.deq_tol} stops the solve early by reading the residual on the host, which a "
                        "compiled graph cannot do: set TORCH_COMPILE=0 or DEQ_TOL=0")
-    if h.deq and (h.unet_skips or getattr(h, "mod_capacity", 0)):
+    if h.deq and (getattr(h, "unet_skips", False) or getattr(h, "mod_capacity", 0)):
         raise RunError("DEQ=1 iterates one map to its fixed point: it does not combine with UNET_SKIPS or MOD_CAPACITY")
 
 
@@ -2470,6 +2503,24 @@ def checkpoint_settings(h: Hyperparameters) -> None:
 
 
 EXTENSION_SETTINGS.append(checkpoint_settings)
+
+
+CLOCK_FIELDS = ("local_ms", "elapsed_ms", "sync_step", "phase_step", "phase_ms", "step_ms")  # TrainClock's state
+
+
+def rng_state(device: torch.device) -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # keys: uint32, which torch 2.5 cannot save
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # Settings a resumed run may change: naming, checkpointing, and what only evaluation and logging
