@@ -63,6 +63,7 @@ class RunError(Exception):
 # system reads its own knobs: its block appends its reader to EXTENSION_SETTINGS.
 
 EXTENSION_SETTINGS: list[Callable[[Hyperparameters], None]] = []
+COMPRESSORS = ("zlib", "zstd", "lzma")  # COMPRESSOR's choices (see compress)
 
 
 class Hyperparameters:
@@ -929,7 +930,6 @@ PARAM_ROLES = {
 QUANT_FORMAT = "per_row_v2"
 SIZE_CAP_BYTES = 16_000_000
 TIME_BUDGET_SECONDS = 600  # each of training and evaluation, on 8xH100
-COMPRESSORS = ("zlib", "zstd", "lzma")
 
 
 def param_role(name: str) -> str | None:
