@@ -217,11 +217,12 @@ class Hyperparameters:
 
     def pass_cost(self, depth: int) -> float:
         # Relative step cost, to guess a new phase's step time.
+        core = depth
         # >>> deq
         if self.deq and depth == DEQ_SOLVE:  # a no-grad solver iteration is about a third of a pass with its backward
-            return self.num_stem_blocks + self.num_tail_blocks + self.deq_iters / 3 + self.phantom_steps
+            core = self.deq_iters / 3 + self.phantom_steps
         # <<< deq
-        return self.num_stem_blocks + self.num_tail_blocks + depth
+        return self.num_stem_blocks + self.num_tail_blocks + core
 
     def validate(self, world_size: int = 1, device_type: str = "cpu") -> None:
         """Turn every bad combination, for this world size and device, into one RunError naming the variable."""
@@ -1739,11 +1740,12 @@ class Trainer:
         torch.cuda.reset_peak_memory_stats()
         return f" peak_alloc:{self.peaks[-1][0] >> 20}MiB"
 
-    def evaluate_plain(self) -> tuple[float, float]:
-        """The baseline's metric, at the current depth."""
-        run = self.run
-        return evaluate(run.compiled, run.val_tokens, run.luts, self.depth, self.args.train_seq_len, self.args.train_seq_len,
-                        val_batch_seqs(self.args, run.world_size), run.rank, run.world_size, reports=self.eval_reports)
+    def evaluate_plain(self, model: nn.Module | None = None) -> tuple[float, float]:
+        """The baseline's metric, at the current depth, of the run's model (whose reports it keeps) or `model`."""
+        run, seq_len = self.run, self.args.train_seq_len
+        return evaluate(run.compiled if model is None else model, run.val_tokens, run.luts, self.depth, seq_len, seq_len,
+                        val_batch_seqs(self.args, run.world_size), run.rank, run.world_size,
+                        reports=self.eval_reports if model is None else None)
 
     def sync_clock(self) -> None:
         if self.clock.measure(self.step, self.nonfinite):
@@ -2224,9 +2226,7 @@ class TopkRouting(nn.Module):
 
 
 def log_topk_routing_gap(trainer: Trainer) -> None:
-    run, args = trainer.run, trainer.args
-    _, topk_bpb = evaluate(TopkRouting(run.base_model), run.val_tokens, run.luts, trainer.depth, args.train_seq_len,
-                           args.train_seq_len, val_batch_seqs(args, run.world_size), run.rank, run.world_size)
+    _, topk_bpb = trainer.evaluate_plain(TopkRouting(trainer.run.base_model))
     trainer.log(f"mod_routing causal_val_bpb:{trainer.val_bpb:.4f} topk_val_bpb:{topk_bpb:.4f} "
                 f"gap:{trainer.val_bpb - topk_bpb:+.4f} (the scored, causal rule minus the training-time top-k)")
 # <<< mod
