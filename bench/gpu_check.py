@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,11 @@ def peak_tflops(device_name: str, override: float | None) -> tuple[float | None,
 
 
 def prepare_data(work: Path, smoke: bool, data_path: Path, tokenizer: Path, val_tokens: int) -> dict[str, str]:
-    """DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE of the data the checks train on."""
+    """DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE of the data the checks train on, as absolute paths
+    (each run starts in its own folder)."""
     from shards import read_shard, write_shard
+
+    data_path, tokenizer = data_path.resolve(), tokenizer.resolve()
 
     out = work / "data"
     if not smoke and tokenizer.is_file() and sorted(data_path.glob("fineweb_train_*.bin")):
@@ -167,6 +171,7 @@ def run_check(check: Check, script: Path, data_env: dict[str, str], work: Path, 
     folder.mkdir(parents=True)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))},
            **data_env, **check.env, "RUN_ID": check.name}
+    t0 = time.monotonic()
     try:
         result = subprocess.run([sys.executable, str(script)], cwd=folder, env=env,
                                 capture_output=True, text=True, timeout=timeout)
@@ -175,7 +180,9 @@ def run_check(check: Check, script: Path, data_env: dict[str, str], work: Path, 
     except subprocess.TimeoutExpired:
         failure = f"timed out after {timeout}s"
     log_path = folder / "logs" / f"{check.name}.txt"
-    return judge(check, log_path.read_text(encoding="utf-8") if log_path.is_file() else "", failure, peak)
+    rows = judge(check, log_path.read_text(encoding="utf-8") if log_path.is_file() else "", failure, peak)
+    rows[0]["wall_s"] = f"{time.monotonic() - t0:.0f}"  # the whole run: compile, training, export, evaluations
+    return rows
 
 
 def judge(check: Check, log: str, failure: str | None, peak: float | None) -> list[dict]:
@@ -195,7 +202,7 @@ def judge(check: Check, log: str, failure: str | None, peak: float | None) -> li
 
 COLUMNS = (("check", "check"), ("result", "result"), ("depth", "depth"), ("ms_step", "ms/step"), ("tokens_s", "tokens/s"),
            ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("peak_mib", "peak MiB"), ("graphs", "graphs"),
-           ("recompiles", "recompiles"), ("losses", "first losses"), ("note", "note"))
+           ("recompiles", "recompiles"), ("losses", "first losses"), ("wall_s", "run s"), ("note", "note"))
 
 
 def table(rows: list[dict]) -> str:

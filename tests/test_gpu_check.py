@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -82,3 +83,13 @@ def test_a_record_run_without_its_lines_fails():
     record = gpu_check.plan(smoke=True)[0]
     (row,) = gpu_check.judge(record, "model_params:1\n", None, None)
     assert row["result"] == "FAIL" and "recompiles_after_warmup:0" in row["note"]
+
+
+def test_relative_data_paths_reach_the_runs_as_absolute_paths(tmp_path, dataset, monkeypatch):
+    # Each check runs in its own folder, so a relative --tokenizer-path would name nothing there.
+    data, tokenizer = Path(dataset["DATA_PATH"]), Path(dataset["TOKENIZER_PATH"])
+    monkeypatch.chdir(data.parent)
+    env = gpu_check.prepare_data(tmp_path / "work", False, Path(data.name), Path(tokenizer.name), 1000)
+    monkeypatch.chdir(tmp_path)
+    assert Path(env["TOKENIZER_PATH"]) == tokenizer and Path(env["TOKENIZER_PATH"]).is_file()
+    assert sorted(Path(env["DATA_PATH"]).glob("fineweb_*_000000.bin")) and env["VOCAB_SIZE"] == "512"
