@@ -1,13 +1,28 @@
 """Download the challenge's published FineWeb shards and tokenizer, with the standard library only.
 
 These are the files that the challenge's own data/cached_challenge_fineweb.py fetches through
-huggingface_hub: the Hugging Face dataset repo willdepueoai/parameter-golf holds, under datasets/,
-    manifest.json                                       shard counts and tokenizer files per variant
-    datasets/fineweb10B_sp1024/fineweb_val_NNNNNN.bin   the full validation split
-    datasets/fineweb10B_sp1024/fineweb_train_NNNNNN.bin 100M tokens each, numbered from 0
-    tokenizers/fineweb_1024_bpe.model (and .vocab)
+huggingface_hub. A Hugging Face dataset repo that publishes them holds, under datasets/,
+    manifest.json                                        shard counts and tokenizer files per variant
+    datasets/fineweb10B_<variant>/fineweb_val_NNNNNN.bin   the full validation split
+    datasets/fineweb10B_<variant>/fineweb_train_NNNNNN.bin 100M tokens each, numbered from 0
+    tokenizers/fineweb_<vocab>_bpe.model (and .vocab)      the paths that manifest.json names
 and each lands at the same relative path under --output-dir (default ./data), which is where
 train_gpt.py looks by default.
+
+Where each --variant is published (its default base URL is https://huggingface.co/datasets/REPO/
+resolve/main/datasets, the layout the challenge's downloader reads with its default
+MATCHED_FINEWEB_REMOTE_ROOT_PREFIX=datasets):
+    sp1024  willdepueoai/parameter-golf, the challenge's own (the quickstart of the README of
+            github.com/openai/parameter-golf)
+    sp4096  kevclark/parameter-golf, Kevin Clark's export for his records: openai/parameter-golf's
+            records/track_10min_16mb/2026-04-01_Vocab4096_MLPMult4_WD085/README.md downloads it with
+            MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf ... --variant sp4096
+    sp8192  kevclark/parameter-golf, likewise: records/track_10min_16mb/
+            2026-04-05_SP8192_GPTQ-Embeddings_SDClip_Loop45x2/README.md (... --variant sp8192)
+No public source of other variants is known here: they need --base-url (or PARAMETER_GOLF_DATA_URL),
+which also overrides these defaults. manifest.json is cached beside the shards with its base URL in
+manifest.json.source, and fetched again when a run uses another base URL (so the sp1024 repo's
+manifest, which lists neither sp4096 nor sp8192, never stands in for kevclark's).
 
 Downloads resume: bytes go to NAME.part, and NAME.part.meta records the ETag (or Last-Modified)
 and size of the remote file. A rerun, or a retry after a dropped connection, continues with an HTTP
@@ -36,8 +51,18 @@ from pathlib import Path, PurePosixPath
 
 from shards import atomic_open, verify_shard
 
-DEFAULT_BASE_URL = "https://huggingface.co/datasets/willdepueoai/parameter-golf/resolve/main/datasets"
+HF_DATASETS_URL = "https://huggingface.co/datasets/{}/resolve/main/datasets"
+# Each variant's default source, with where it is documented (see the docstring).
+VARIANT_URLS = {
+    "sp1024": HF_DATASETS_URL.format("willdepueoai/parameter-golf"),  # the challenge's README
+    "sp4096": HF_DATASETS_URL.format("kevclark/parameter-golf"),  # records/.../2026-04-01_Vocab4096_MLPMult4_WD085
+    "sp8192": HF_DATASETS_URL.format("kevclark/parameter-golf"),  # records/.../2026-04-05_SP8192_GPTQ-Embeddings_...
+}
+DEFAULT_VARIANT = "sp1024"
+DEFAULT_BASE_URL = VARIANT_URLS[DEFAULT_VARIANT]
 BASE_URL_ENV = "PARAMETER_GOLF_DATA_URL"
+MANIFEST = "manifest.json"
+MANIFEST_SOURCE = "manifest.json.source"  # beside it: the base URL it was fetched from
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60
 ATTEMPTS = 5  # per file; every retry resumes from what the .part already holds
@@ -59,25 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-shards", type=int, default=80, metavar="N",
                         help="training shards to fetch, from the start of the split (default 80 = 8B "
                              "tokens, as the challenge); the validation split is always fetched in full")
-    parser.add_argument("--variant", default="sp1024",
-                        help="tokenizer family; the manifest must list fineweb10B_<variant> "
-                             "(the public repo publishes sp1024)")
+    parser.add_argument("--variant", default=DEFAULT_VARIANT,
+                        help=f"tokenizer family: the manifest must list fineweb10B_<variant> (default "
+                             f"{DEFAULT_VARIANT}; {', '.join(VARIANT_URLS)} have default sources, any other "
+                             "needs --base-url)")
     parser.add_argument("--output-dir", type=Path, default=Path("data"), metavar="DIR",
                         help="local root mirroring the remote layout (default ./data)")
     parser.add_argument("--base-url", metavar="URL",
                         help=f"http(s) URL of the folder holding manifest.json (env {BASE_URL_ENV}; "
-                             "default: the challenge's Hugging Face repo)")
+                             "default: the variant's Hugging Face repo, listed below)")
     return parser
 
 
 def base_url(args: argparse.Namespace) -> str:
-    """--base-url, else the environment's, else the default; DownloadError naming the setting if it is
-    not an http(s) URL."""
+    """--base-url, else the environment's, else the variant's default source; DownloadError naming the
+    setting if it is not an http(s) URL, or if the variant has no default source and neither is set."""
     name, url = "--base-url", args.base_url
     if url is None:
         name, url = BASE_URL_ENV, os.environ.get(BASE_URL_ENV)
     if url is None:
-        return DEFAULT_BASE_URL
+        if args.variant not in VARIANT_URLS:
+            raise DownloadError(f"--variant {args.variant}: no public source of fineweb10B_{args.variant} is known "
+                                f"(only of {', '.join(VARIANT_URLS)}); pass --base-url (or set {BASE_URL_ENV}) "
+                                "to the URL of a folder whose manifest.json lists it")
+        return VARIANT_URLS[args.variant]
     try:
         parts = urllib.parse.urlsplit(url)
         valid = (parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
@@ -85,17 +115,19 @@ def base_url(args: argparse.Namespace) -> str:
     except ValueError:  # a port that is not a number
         valid = False
     if not valid:
-        raise DownloadError(f"{name} {url!r}: not a valid http:// or https:// URL (the default is {DEFAULT_BASE_URL})")
+        raise DownloadError(f"{name} {url!r}: not a valid http:// or https:// URL (the default is "
+                            f"{VARIANT_URLS.get(args.variant, DEFAULT_BASE_URL)})")
     return url.rstrip("/")
 
 
-def plan_files(manifest: dict, variant: str, train_shards: int) -> tuple[list[str], str, int | None]:
+def plan_files(manifest: dict, variant: str, train_shards: int, base: str) -> tuple[list[str], str, int | None]:
     """Remote paths to fetch (validation shards, the first train shards, tokenizer files), the
-    tokenizer model's path and its vocab size, read the way the challenge's downloader reads them."""
+    tokenizer model's path and its vocab size, read the way the challenge's downloader reads them
+    from `base`'s manifest."""
     name = f"fineweb10B_{variant}"
     datasets = {d.get("name"): d for d in manifest.get("datasets", [])}
     if name not in datasets:
-        raise DownloadError(f"--variant {variant}: {name} is not in manifest.json "
+        raise DownloadError(f"--variant {variant}: {name} is not in manifest.json of {base} "
                             f"(it lists: {', '.join(sorted(map(str, datasets))) or 'nothing'})")
     entry = datasets[name]
     stats = entry.get("stats") or {}
@@ -113,7 +145,7 @@ def plan_files(manifest: dict, variant: str, train_shards: int) -> tuple[list[st
     for rel in files:  # paths from the manifest must stay inside --output-dir
         if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
             raise DownloadError(f"manifest.json: refusing unsafe path {rel!r}")
-    vocab_size = tokenizer.get("vocab_size")
+    vocab_size = tokenizer.get("vocab_size", entry.get("vocab_size"))
     return files, tokenizer_files[0], int(vocab_size) if vocab_size is not None else None
 
 
@@ -292,16 +324,33 @@ def is_complete(dest: Path) -> bool:
     return True
 
 
+def fetch_manifest(base: str, root: Path) -> Path:
+    """root/manifest.json, fetched from `base` unless the copy there came from it (its base URL is in
+    manifest.json.source): sources publish different variants, so a copy from another is stale."""
+    path, source = root / MANIFEST, root / MANIFEST_SOURCE
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        cached = path.exists() and source.read_text(encoding="utf-8").strip() == base
+    except OSError:
+        cached = False
+    if not cached:
+        source.unlink(missing_ok=True)  # no record while manifest.json may be either source's
+        download(f"{base}/{MANIFEST}", path, "[manifest]")
+        with atomic_open(source) as f:
+            f.write(f"{base}\n".encode())
+    return path
+
+
 def run(args: argparse.Namespace) -> None:
     base, root = base_url(args), args.output_dir
-    manifest_path = root / "manifest.json"
-    if not manifest_path.exists():
-        download(f"{base}/manifest.json", manifest_path, "[manifest]")
+    say(f"fineweb10B_{args.variant} from {base}")
+    manifest_path = fetch_manifest(base, root)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files, tokenizer_rel, vocab_size = plan_files(manifest, args.variant, args.train_shards)
+        files, tokenizer_rel, vocab_size = plan_files(manifest, args.variant, args.train_shards, base)
     except (ValueError, TypeError, AttributeError, KeyError) as e:  # not the manifest layout we know
         manifest_path.unlink()
+        (root / MANIFEST_SOURCE).unlink(missing_ok=True)
         raise DownloadError(f"{manifest_path}: unreadable manifest ({e}); deleted it") from None
 
     start, received, skipped = time.monotonic(), 0, 0

@@ -447,7 +447,8 @@ def test_download_then_skip_complete_files(tmp_path, remote, capsys):
     url, root, requests, _ = remote
     out = tmp_path / "data"
     assert fetch(url, out) == 0
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(WANTED)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(WANTED + ["manifest.json.source"])
+    assert (out / "manifest.json.source").read_text() == url.rstrip("/") + "\n"
     assert all((out / rel).read_bytes() == (root / rel).read_bytes() for rel in WANTED)
     assert sorted(path for path, _ in requests) == sorted("/" + rel for rel in WANTED)
     stdout = capsys.readouterr().out
@@ -568,6 +569,82 @@ def test_busy_server_is_retried_honouring_retry_after(tmp_path, remote, monkeypa
     waits = server.waits
     assert waits[:2] == [7, 30] and 18 < waits[2] <= 20 and waits[3] == 2 ** 4  # capped; then backoff
     assert (tmp_path / "data" / "manifest.json").read_bytes() == (root / "manifest.json").read_bytes()
+
+
+# Kevin Clark's repo (kevclark/parameter-golf) as the challenge's downloader reads it: the same
+# layout as the public one, with sp4096 and sp8192 in its manifest.
+FRONTIER = {
+    "datasets": [{"name": f"fineweb10B_sp{v}", "tokenizer_name": f"sp_bpe_{v}", "stats": {"files_train": 2, "files_val": 1}}
+                 for v in (4096, 8192)],
+    "tokenizers": [{"name": f"sp_bpe_{v}", "kind": "sentencepiece_bpe", "vocab_size": v,
+                    "model_path": f"tokenizers/fineweb_{v}_bpe.model", "vocab_path": f"tokenizers/fineweb_{v}_bpe.vocab"}
+                   for v in (4096, 8192)],
+}
+
+
+def test_each_variant_defaults_to_where_it_is_published(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(downloader.BASE_URL_ENV, raising=False)
+    hf = "https://huggingface.co/datasets/{}/resolve/main/datasets"
+    expected = {"sp1024": hf.format("willdepueoai/parameter-golf"), "sp4096": hf.format("kevclark/parameter-golf"),
+                "sp8192": hf.format("kevclark/parameter-golf")}
+    parse = downloader.build_parser().parse_args
+    assert downloader.base_url(parse([])) == expected["sp1024"]
+    for variant, url in expected.items():
+        assert downloader.base_url(parse(["--variant", variant])) == url
+        assert downloader.base_url(parse(["--variant", variant, "--base-url", "http://mirror/x/"])) == "http://mirror/x"
+        monkeypatch.setenv(downloader.BASE_URL_ENV, "http://env-mirror/y")
+        assert downloader.base_url(parse(["--variant", variant])) == "http://env-mirror/y"
+        monkeypatch.delenv(downloader.BASE_URL_ENV)
+    # A variant with no known public source needs a base URL, and says so before any request.
+    out = tmp_path / "data"
+    assert downloader.main(["--variant", "sp2048", "--output-dir", str(out)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --variant sp2048: no public source of fineweb10B_sp2048")
+    assert "pass --base-url" in lines[0] and not out.exists()
+    assert downloader.base_url(parse(["--variant", "sp2048", "--base-url", "http://mirror/x"])) == "http://mirror/x"
+
+
+def test_variants_fetch_their_shards_tokenizer_and_vocab_from_their_source(tmp_path, remote, monkeypatch, capsys):
+    url, root, requests, _ = remote
+    frontier = root / "kevclark"
+    rng = np.random.default_rng(1)
+    for v in (4096, 8192):
+        for name in ["fineweb_val_000000.bin", "fineweb_train_000000.bin", "fineweb_train_000001.bin"]:
+            write_shard(frontier / f"datasets/fineweb10B_sp{v}" / name, rng.integers(0, v, size=2000).astype(np.uint16))
+        (frontier / "tokenizers").mkdir(exist_ok=True)
+        for ext in ("model", "vocab"):
+            (frontier / f"tokenizers/fineweb_{v}_bpe.{ext}").write_bytes(rng.bytes(700))
+    (frontier / "manifest.json").write_text(json.dumps(FRONTIER))
+    monkeypatch.delenv(downloader.BASE_URL_ENV, raising=False)
+    monkeypatch.setattr(downloader, "VARIANT_URLS", {"sp1024": url.rstrip("/"), "sp4096": url + "kevclark",
+                                                     "sp8192": url + "kevclark"})
+    out = tmp_path / "data"
+
+    def get(variant: str) -> tuple[list[str], str]:
+        requests.clear()
+        capsys.readouterr()
+        assert downloader.main(["--variant", variant, "--train-shards", "1", "--output-dir", str(out)]) == 0
+        return sorted(path for path, _ in requests), capsys.readouterr().out.strip().splitlines()[-1]
+
+    def wanted(prefix: str, v: int, manifest: bool) -> list[str]:
+        files = [f"datasets/fineweb10B_sp{v}/fineweb_val_000000.bin", f"datasets/fineweb10B_sp{v}/fineweb_train_000000.bin",
+                 f"tokenizers/fineweb_{v}_bpe.model", f"tokenizers/fineweb_{v}_bpe.vocab"]
+        return sorted(f"/{prefix}{rel}" for rel in files + ["manifest.json"] * manifest)
+
+    def ready(v: int) -> str:
+        return (f"DATA_PATH={(out / f'datasets/fineweb10B_sp{v}').resolve()} "
+                f"TOKENIZER_PATH={(out / f'tokenizers/fineweb_{v}_bpe.model').resolve()} VOCAB_SIZE={v}")
+
+    # The manifest cached by the sp1024 download does not list sp8192: it is fetched again from
+    # the sp8192 source, then kept for sp4096 (same source), and fetched again for sp1024.
+    assert get("sp1024") == (wanted("", 1024, True), ready(1024))
+    assert get("sp8192") == (wanted("kevclark/", 8192, True), ready(8192))
+    assert get("sp4096") == (wanted("kevclark/", 4096, False), ready(4096))
+    assert get("sp1024") == (["/manifest.json"], ready(1024))  # its files are already in place
+    for v in (4096, 8192):
+        for rel in wanted("", v, False):
+            assert (out / rel[1:]).read_bytes() == (frontier / rel[1:]).read_bytes()
+    assert (out / "manifest.json").read_bytes() == (root / "manifest.json").read_bytes()
 
 
 @pytest.mark.parametrize("setting, value", [("--base-url", "example.com/data"), ("--base-url", "ftp://example.com/x"),
