@@ -64,6 +64,7 @@ class RunError(Exception):
 
 EXTENSION_SETTINGS: list[Callable[[Hyperparameters], None]] = []
 COMPRESSORS = ("zlib", "zstd", "lzma")  # COMPRESSOR's choices (see compress)
+CODE_BITS = (4, 5, 6, 7, 8)  # the code widths of the export's grid
 
 
 class Hyperparameters:
@@ -144,15 +145,19 @@ class Hyperparameters:
         self.eval_batch_seqs = self._get("EVAL_BATCH_SEQS", 32, "[1,)")
 
     def _export(self) -> None:
-        # Matrices become QUANT_BITS-bit codes (8, 7, 6 or 5) with one fp16 step per row, clipped at
-        # the baseline's percentile of |w| or, with MATRIX_CLIP_SIGMAS > 0, at that many row standard
-        # deviations (the records' SDClip); the token embedding and an untied head use EMBED_BITS and
-        # EMBED_CLIP_SIGMAS (EMBED_BITS=16 keeps them fp16). COMPRESSOR: zlib (level 9), zstd (level
-        # 22) or lzma. NOISY_QAT perturbs the quantized matrices from QAT_START_FRAC of training on:
+        # Matrices become b-bit codes (4 to 8) with one fp16 step per row, clipped at the baseline's
+        # percentile of |w| or, with MATRIX_CLIP_SIGMAS > 0, at that many row standard deviations (the
+        # records' SDClip). Bits per class: ATTN_BITS and MLP_BITS (the MLP's and any other large
+        # matrix), both QUANT_BITS unless set; the token embedding EMBED_BITS and an untied head
+        # HEAD_BITS (default EMBED_BITS; 16 keeps either fp16), clipped at EMBED_CLIP_SIGMAS.
+        # COMPRESSOR: zlib (level 9), zstd (level 22) or lzma. NOISY_QAT perturbs the quantized matrices from QAT_START_FRAC of training on:
         # uniform noise of one step of row max / qmax (QAT_MODE=noise, PR #1088), of one step of the
         # export's grid (grid_noise), or straight-through rounding to that grid (ste).
         self.quant_bits = self._get("QUANT_BITS", 8)
+        self.attn_bits = self._get("ATTN_BITS", self.quant_bits)
+        self.mlp_bits = self._get("MLP_BITS", self.quant_bits)
         self.embed_bits = self._get("EMBED_BITS", 8)
+        self.head_bits = self._get("HEAD_BITS", self.embed_bits)
         self.matrix_clip_sigmas = self._get("MATRIX_CLIP_SIGMAS", 0.0, "[0,)")
         self.embed_clip_sigmas = self._get("EMBED_CLIP_SIGMAS", 0.0, "[0,)")
         self.compressor = self._get("COMPRESSOR", "zlib")
@@ -163,9 +168,10 @@ class Hyperparameters:
         # a run estimated over the cap by more than the estimate's error is refused (refuse) unless
         # SIZE_CHECK=warn. Either way the artifact is written and scored at the end.
         self.size_check = self._get("SIZE_CHECK", "refuse")
-        for name, value, choices in (("QUANT_BITS", self.quant_bits, (5, 6, 7, 8)), ("EMBED_BITS", self.embed_bits, (5, 6, 7, 8, 16)),
-                                     ("COMPRESSOR", self.compressor, COMPRESSORS), ("QAT_MODE", self.qat_mode, ("noise", "grid_noise", "ste")),
-                                     ("AUTOCAST", self.autocast, ("auto", "bf16")), ("SIZE_CHECK", self.size_check, ("refuse", "warn"))):
+        for name, value, choices in (("QUANT_BITS", self.quant_bits, CODE_BITS), ("ATTN_BITS", self.attn_bits, CODE_BITS),
+                                     ("MLP_BITS", self.mlp_bits, CODE_BITS), ("EMBED_BITS", self.embed_bits, CODE_BITS + (16,)),
+                                     ("HEAD_BITS", self.head_bits, CODE_BITS + (16,)), ("COMPRESSOR", self.compressor, COMPRESSORS),
+                                     ("QAT_MODE", self.qat_mode, ("noise", "grid_noise", "ste")), ("AUTOCAST", self.autocast, ("auto", "bf16")), ("SIZE_CHECK", self.size_check, ("refuse", "warn"))):
             check_choice(name, value, choices)
 
     def _get(self, name: str, default, bounds: str = ""):
@@ -590,7 +596,7 @@ def quantize_rows(w: Tensor, bits: int, clip: Tensor) -> tuple[Tensor, Tensor]:
 
 class QAT(NamedTuple):
     gate: Tensor  # 0.0 until QAT_START_FRAC, then 1.0: a tensor, so turning QAT on never recompiles
-    bits: int
+    bits: Mapping[str, int]  # the export's code width of each kind of matrix ("attn", "mlp")
     sigmas: float
     mode: str  # QAT_MODE
 
@@ -601,14 +607,19 @@ class CastedLinear(nn.Linear):
     # recurrence would otherwise amplify. noise: uniform noise of one step of row max / qmax (PR
     # #1088's noisy QAT from PR #363, no floor; the gradient reaches w unchanged). grid_noise: one
     # step of the export's own grid (its clip floor or SDClip). ste: the export's rounded weight
-    # with a straight-through gradient.
+    # with a straight-through gradient. `kind` names the export class whose width QAT trains for.
+    def __init__(self, in_features: int, out_features: int, kind: str = "mlp"):
+        super().__init__(in_features, out_features, bias=False)
+        self.kind = kind
+
     def forward(self, x: Tensor, qat: QAT | None = None) -> Tensor:
         w = self.weight
         if qat is not None and w.numel() > KEEP_FLOAT_MAX_NUMEL:
+            bits = qat.bits[self.kind]
             if qat.mode == "noise":
-                step = w.detach().abs().amax(dim=1, keepdim=True) / qmax(qat.bits)
+                step = w.detach().abs().amax(dim=1, keepdim=True) / qmax(bits)
             else:
-                codes, step = quantize_rows(w.detach(), qat.bits, row_clip(w, qat.sigmas, exact=False))
+                codes, step = quantize_rows(w.detach(), bits, row_clip(w, qat.sigmas, exact=False))
                 step = step.float()[:, None]
             delta = codes * step - w.detach() if qat.mode == "ste" else (torch.rand_like(w) - 0.5) * step
             w = w + qat.gate * delta
@@ -799,7 +810,7 @@ class GPT(nn.Module):
         # >>> hash_embed
         self.hash_emb = HashEmbedding(args) if args.bigram_table_size or args.trigram_table_size else None
         # <<< hash_embed
-        linear = lambda kind: lambda i, o: CastedLinear(i, o, bias=False)
+        linear = lambda kind: lambda i, o: CastedLinear(i, o, kind)
         # >>> seed_lora
         linear = seed_lora_linears(args, linear)
         # <<< seed_lora
@@ -820,7 +831,7 @@ class GPT(nn.Module):
         layers = len(self.stem) + args.max_depth + len(self.tail)
         self.skip_weights = nn.Parameter(torch.ones(layers // 2, args.model_dim)) if args.unet_skips else None
         # <<< unet
-        self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, bias=False)
+        self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, "head")
         if self.lm_head is not None:
             self.lm_head._zero_init = True
         if args.tie_embeddings:
@@ -928,7 +939,7 @@ PARAM_ROLES = {
     "control": r"controls\.(attn_scale|mlp_scale|resid_mix)|(.*\.)?q_gain",
     "norm_bias": r"controls\.(attn|mlp)_norm_bias",
 }
-QUANT_FORMAT = "per_row_v2"
+QUANT_FORMAT = "per_row_v3"
 SIZE_CAP_BYTES = 16_000_000
 TIME_BUDGET_SECONDS = 600  # each of training and evaluation, on 8xH100
 
@@ -964,11 +975,28 @@ def export_spec(name: str, t: Tensor, args: Hyperparameters) -> tuple[int, float
     if not t.is_floating_point() or t.numel() <= KEEP_FLOAT_MAX_NUMEL or role in ("control", "norm_bias"):
         return None
     if role in ("embedding", "head"):
-        return None if args.embed_bits == 16 else (args.embed_bits, args.embed_clip_sigmas)
-    return args.quant_bits, args.matrix_clip_sigmas
+        bits = args.embed_bits if role == "embedding" else args.head_bits
+        return None if bits == 16 else (bits, args.embed_clip_sigmas)
+    return args.attn_bits if ".attns." in name else args.mlp_bits, args.matrix_clip_sigmas
 
 
-def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters) -> dict[str, object]:
+def byte_planes(t: Tensor) -> Tensor:
+    """A float tensor as uint8 [itemsize, *shape], byte k of every value in plane k: the sign and
+    exponent bytes of neighbouring values then sit together, which the compressor finds (the
+    records' byte shuffle)."""
+    k = t.element_size()
+    return t.detach().reshape(-1).view(torch.uint8).view(-1, k).T.reshape(k, *t.shape)
+
+
+def from_byte_planes(planes: Tensor) -> Tensor:
+    dtype = {2: torch.float16, 4: torch.float32}[planes.size(0)]
+    return planes.reshape(planes.size(0), -1).T.reshape(-1).view(dtype).reshape(planes.shape[1:])
+
+
+def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters,
+                        rounded: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, object]:
+    """The artifact object: codes rounded to nearest, except those `rounded` gives (codes, steps)
+    for; steps and float tensors as byte planes."""
     quantized, steps, bits, dtypes, passthrough = {}, {}, {}, {}, {}
     for name, tensor in state.items():
         t = tensor.detach().cpu().contiguous()
@@ -976,11 +1004,12 @@ def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters) -> dict
             dtypes[name] = str(t.dtype).removeprefix("torch.")
         spec = export_spec(name, t, args)
         if spec is None:
-            passthrough[name] = t.to(passthrough_dtype(name, t))
+            kept = t.to(passthrough_dtype(name, t))
+            passthrough[name] = byte_planes(kept) if t.is_floating_point() else kept
             continue
         rows = t.reshape(-1, t.size(-1))
-        codes, steps[name] = quantize_rows(rows, spec[0], row_clip(rows, spec[1]))
-        quantized[name], bits[name] = codes.to(torch.int8).view_as(t), spec[0]
+        codes, step = rounded[name] if rounded and name in rounded else quantize_rows(rows, spec[0], row_clip(rows, spec[1]))
+        quantized[name], steps[name], bits[name] = codes.to(torch.int8).view_as(t), byte_planes(step), spec[0]
     return {"__quant_format__": QUANT_FORMAT, "quantized": quantized, "steps": steps, "bits": bits,
             "dtypes": dtypes, "passthrough": passthrough}
 
@@ -988,10 +1017,10 @@ def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters) -> dict
 def dequantize_state_dict(obj: dict[str, object]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for name, q in obj["quantized"].items():
-        w = q.float().reshape(-1, q.size(-1)) * obj["steps"][name].float()[:, None]
+        w = q.float().reshape(-1, q.size(-1)) * from_byte_planes(obj["steps"][name]).float()[:, None]
         out[name] = w.view(q.shape).to(getattr(torch, obj["dtypes"][name]))
     for name, t in obj["passthrough"].items():
-        out[name] = t.to(getattr(torch, obj["dtypes"][name])) if name in obj["dtypes"] else t
+        out[name] = from_byte_planes(t).to(getattr(torch, obj["dtypes"][name])) if name in obj["dtypes"] else t
     return out
 
 
@@ -1010,16 +1039,17 @@ def check_schema(obj: object) -> str | None:
         if name not in obj["dtypes"]:
             return f"{name}: a quantized tensor needs a dtype entry"
         if not (isinstance(q, Tensor) and q.dtype == torch.int8 and q.ndim >= 1 and q.size(-1) > 0
-                and type(bits) is int and bits in (5, 6, 7, 8)
-                and isinstance(step, Tensor) and step.dtype == torch.float16 and step.shape == (q.numel() // q.size(-1),)):
+                and type(bits) is int and bits in CODE_BITS
+                and isinstance(step, Tensor) and step.dtype == torch.uint8 and step.shape == (2, q.numel() // q.size(-1))):
             return f"{name}: codes, bits and steps do not fit together"
         if q.numel() and (q.min() < -qmax(bits) or q.max() > qmax(bits)):
             return f"{name}: codes exceed the int{bits} range [-{qmax(bits)}, {qmax(bits)}]"
     for name, dtype in obj["dtypes"].items():
         if dtype not in ("float32", "bfloat16", "float16") or name not in obj["quantized"] and name not in obj["passthrough"]:
             return f"{name}: unexpected dtype entry {dtype!r}"
-    if not all(isinstance(t, Tensor) for t in obj["passthrough"].values()):
-        return "passthrough entries must be tensors"
+    for name, t in obj["passthrough"].items():
+        if not isinstance(t, Tensor) or name in obj["dtypes"] and not (t.dtype == torch.uint8 and t.ndim >= 1 and t.size(0) in (2, 4)):
+            return f"{name}: a passthrough entry is a tensor, the byte planes of a float one"
     return None
 
 
@@ -1081,12 +1111,15 @@ def decompress(data: bytes, limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:
 
 
 def format_name(args: Hyperparameters) -> str:
-    return f"int{args.quant_bits}+{args.compressor}"
+    """int6+zstd; with mixed matrix widths, int6a5m+zstd (attention 6, MLP 5)."""
+    width = f"int{args.attn_bits}" if args.attn_bits == args.mlp_bits else f"int{args.attn_bits}a{args.mlp_bits}m"
+    return f"{width}+{args.compressor}"
 
 
-def serialize_artifact(state: dict[str, Tensor], args: Hyperparameters) -> bytes:
+def serialize_artifact(state: dict[str, Tensor], args: Hyperparameters,
+                       rounded: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> bytes:
     buf = io.BytesIO()
-    torch.save(quantize_state_dict(state, args), buf)
+    torch.save(quantize_state_dict(state, args, rounded), buf)
     return compress(buf.getvalue(), args.compressor)
 
 
@@ -1106,14 +1139,15 @@ def load_artifact(path: str | Path, data: bytes | None = None) -> dict[str, Tens
     return dequantize_state_dict(obj)
 
 
-def export_artifact(state: dict[str, Tensor], args: Hyperparameters, artifact: Path) -> bytes:
+def export_artifact(state: dict[str, Tensor], args: Hyperparameters, artifact: Path,
+                    rounded: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> bytes:
     """Write the float weights (for re-exporting in other formats) and the artifact beside them;
     return the artifact's bytes."""
     artifact.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
     write_atomic(artifact.with_name("final_model.pt"), buf.getvalue())
-    blob = serialize_artifact(state, args)
+    blob = serialize_artifact(state, args, rounded)
     write_atomic(artifact, blob)
     return blob
 
@@ -1350,6 +1384,10 @@ class TrainClock:
     def __init__(self, args: Hyperparameters, device: torch.device, distributed: bool = False):
         self.args, self.device = args, device
         self.cap_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
+        # >>> gptq
+        if self.cap_ms and args.quant_method == "gptq":  # GPTQ's calibration and rounding are training time
+            self.cap_ms -= 1000.0 * args.gptq_reserve_seconds
+        # <<< gptq
         # due() agrees on host readings over a CPU group: NCCL's would need the device sync it avoids.
         self.host_group = dist.new_group(backend="gloo") if distributed and device.type == "cuda" else None
         self.local_ms, self.t0 = 0.0, 0.0  # this rank's time before the last resume()
@@ -1549,7 +1587,8 @@ def train_step(model: nn.Module, next_batch: Callable[[], tuple[Tensor, Tensor]]
 
 def training_mode(args: Hyperparameters, qat_gate: Tensor) -> Mode:
     """The forward of training: QAT's noise (scaled by `qat_gate`, 0 until QAT_START_FRAC) when on."""
-    qat = QAT(qat_gate, args.quant_bits, args.matrix_clip_sigmas, args.qat_mode) if args.noisy_qat else None
+    bits = {"attn": args.attn_bits, "mlp": args.mlp_bits}
+    qat = QAT(qat_gate, bits, args.matrix_clip_sigmas, args.qat_mode) if args.noisy_qat else None
     return Mode(qat=qat, training=True)
 
 
@@ -1688,7 +1727,7 @@ def log_config(run: Run, verdict: str) -> None:
         f"attn_per_block:{args.attn_per_block} mlp_layers:{args.mlp_layers} mlp_hidden:{int(args.mlp_mult * args.model_dim)}")
     log(f"layer_schedule:{','.join(f'{s}:{d}' for s, d in args.layer_schedule)} max_depth:{args.max_depth} "
         f"stem_blocks:{args.num_stem_blocks} tail_blocks:{args.num_tail_blocks} norm_bias:{args.norm_bias}")
-    log(f"export:{format_name(args)} embed_bits:{args.embed_bits} clip_sigmas:{args.matrix_clip_sigmas},{args.embed_clip_sigmas} "
+    log(f"export:{format_name(args)} embed_bits:{args.embed_bits} head_bits:{args.head_bits} clip_sigmas:{args.matrix_clip_sigmas},{args.embed_clip_sigmas} "
         f"noisy_qat:{args.noisy_qat} qat_mode:{args.qat_mode} qat_start_frac:{args.qat_start_frac}")
     log(f"tie_embeddings:{args.tie_embeddings} embed_lr:{args.tied_embed_lr if args.tie_embeddings else args.embed_lr} "
         f"head_lr:{0.0 if args.tie_embeddings else args.head_lr} matrix_lr:{args.matrix_lr} scalar_lr:{args.scalar_lr}")
@@ -1816,7 +1855,7 @@ class Trainer:
         if args.noisy_qat and not self.qat_on and self.clock.progress(step) >= args.qat_start_frac:
             self.qat_gate.fill_(1.0)
             self.qat_on = True
-            self.log(f"qat_start step:{step} mode:{args.qat_mode} grid:int{args.quant_bits}")
+            self.log(f"qat_start step:{step} mode:{args.qat_mode} grid:{format_name(args).split('+')[0]}")
         scale = self.clock.lr_mul(step)
         frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
         self.optimizers[0].param_groups[0]["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -1911,8 +1950,13 @@ def export_and_score(trainer: Trainer) -> int:
     # <<< ema
     log(f"final_prequant_exact val_loss:{trainer.val_loss:.8f} val_bpb:{val_bpb:.8f}")
     fmt = format_name(args)
-    artifact = Path("artifacts", args.run_id, f"final_model.int{args.quant_bits}.ptz")
-    blob = on_master(run.master, run.distributed, lambda: export_artifact(run.base_model.state_dict(), args, artifact))
+    artifact = Path("artifacts", args.run_id, f"final_model.{fmt.split('+')[0]}.ptz")
+    rounded, calibration = None, "none"  # codes not rounded to nearest, by name; the tokens their rounding read
+    # >>> gptq
+    if args.quant_method == "gptq":
+        rounded, calibration = gptq_export(trainer), "train_tokens"
+    # <<< gptq
+    blob = on_master(run.master, run.distributed, lambda: export_artifact(run.base_model.state_dict(), args, artifact, rounded))
     log(f"artifact:{artifact}")
     total = len(blob) + run.code_bytes
     log(f"Serialized model {fmt}: {len(blob)} bytes (code:{run.code_bytes} bytes)")
@@ -1951,7 +1995,8 @@ def export_and_score(trainer: Trainer) -> int:
     log(f"compliance train_time:{train_ms:.0f}ms/{budget_ms:.0f}ms:{ok(train_ms, budget_ms)} "
         f"eval_time:{sum(eval_ms.values()):.0f}ms/{budget_ms:.0f}ms:{ok(sum(eval_ms.values()), budget_ms)} "
         f"({' '.join(f'{k}:{v:.0f}ms' for k, v in eval_ms.items())}) "
-        f"artifact:{total}/{SIZE_CAP_BYTES}:{ok(total, SIZE_CAP_BYTES)} val_tokens_trained_before_scoring:0 "
+        f"export_calibration:{calibration} artifact:{total}/{SIZE_CAP_BYTES}:{ok(total, SIZE_CAP_BYTES)} "
+        "val_tokens_trained_before_scoring:0 "
         f"score:{list(eval_ms)[-1]}_exact val_bpb:{score:.8f}")
     return total
 
@@ -2089,7 +2134,7 @@ class HashEmbedding(nn.Module):
         super().__init__()
         self.bigram = nn.Embedding(args.bigram_table_size, args.hash_embed_dim) if args.bigram_table_size else None
         self.trigram = nn.Embedding(args.trigram_table_size, args.hash_embed_dim) if args.trigram_table_size else None
-        self.proj = CastedLinear(args.hash_embed_dim, args.model_dim, bias=False)
+        self.proj = CastedLinear(args.hash_embed_dim, args.model_dim)
         self.proj._zero_init = True
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -2465,6 +2510,132 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
     model.train(was_training)
     return loss_and_bpb(sums)
 # <<< ttt
+
+
+# >>> gptq: GPTQ export that knows the block is shared
+def gptq_settings(h: Hyperparameters) -> None:
+    # QUANT_METHOD=gptq rounds the exported matrices by GPTQ instead of to nearest, on the same grid:
+    # each row's clip is the export's clip times the GPTQ_CLIP_FACTORS factor with the least
+    # Hessian-weighted rounding error; then the columns are rounded in turn (by decreasing Hessian
+    # diagonal with GPTQ_ACT_ORDER), each one's error fed back into the columns not yet rounded
+    # through the Cholesky factor of the inverse Hessian (GPTQ_DAMP times its mean diagonal added),
+    # GPTQ_BLOCK columns at a time. The Hessians are those of the matrices' inputs on
+    # GPTQ_CALIB_SEQS sequences from the start of the training shards (never validation tokens) at
+    # the final depth: the shared block's matrices sum the inputs of every pass. It is training
+    # time: a capped run stops GPTQ_RESERVE_SECONDS early for it, and its time is added.
+    h.quant_method = h._get("QUANT_METHOD", "rtn")
+    check_choice("QUANT_METHOD", h.quant_method, ("rtn", "gptq"))
+    h.gptq_calib_seqs = h._get("GPTQ_CALIB_SEQS", 64, "[1,)")
+    h.gptq_damp = h._get("GPTQ_DAMP", 0.01, "(0,)")
+    h.gptq_block = h._get("GPTQ_BLOCK", 128, "[1,)")
+    h.gptq_act_order = h._get("GPTQ_ACT_ORDER", True)
+    h.gptq_clip_factors = h._get("GPTQ_CLIP_FACTORS", "1,0.95,0.9,0.85,0.8")
+    h.gptq_reserve_seconds = h._get("GPTQ_RESERVE_SECONDS", 12.0, "[0,)")
+    try:
+        factors = [float(f) for f in h.gptq_clip_factors.split(",")]
+    except ValueError:
+        factors = []
+    if not factors or not all(0 < f <= 1 for f in factors):
+        raise RunError(f"GPTQ_CLIP_FACTORS={h.gptq_clip_factors!r} must be a comma-separated list of numbers in (0,1]")
+    if h.quant_method == "gptq" and 0 < h.max_wallclock_seconds <= h.gptq_reserve_seconds:
+        raise RunError(f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds} leaves no training time in "
+                       f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}")
+
+
+EXTENSION_SETTINGS.append(gptq_settings)
+
+
+def gptq_hessians(model: GPT, args: Hyperparameters, train_files: list[Path], depth: int,
+                  device: torch.device) -> dict[str, Tensor]:
+    """X^T X of the inputs of every linear the export quantizes, by weight name, summed over the
+    calibration tokens and over every call: a block the plan runs n times sees n passes."""
+    hessians: dict[str, Tensor] = {}
+
+    def accumulate(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
+            hessians[name] = x.T @ x if name not in hessians else hessians[name].addmm_(x.T, x)
+        return hook
+
+    hooks = [module.register_forward_hook(accumulate(f"{name}.weight")) for name, module in model.named_modules()
+             if isinstance(module, CastedLinear) and export_spec(f"{name}.weight", module.weight, args)]
+    seq_len, batch = args.train_seq_len, max(1, 2 ** 16 // args.train_seq_len)
+    tokens = TokenStream(train_files).take(args.gptq_calib_seqs * seq_len + 1).to(device=device, dtype=torch.int64)
+    x, y = tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
+    try:
+        with torch.no_grad(), autocast(device):
+            for i in range(0, x.size(0), batch):
+                model(x[i : i + batch], y[i : i + batch], depth)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return hessians
+
+
+def gptq_rows(w: Tensor, bits: int, clip: Tensor, hessian: Tensor, args: Hyperparameters) -> tuple[Tensor, Tensor]:
+    """Codes and fp16 row steps of `w` [rows, cols] on the export's grid (quantize_rows'), rounded
+    by GPTQ against the inputs' Hessian [cols, cols]."""
+    w, H = w.detach().float().to(hessian.device).clone(), hessian.float().clone()
+    dead = H.diagonal() == 0  # inputs that were always zero: their weights never act
+    H[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    err = lambda codes, step: ((codes * step.float()[:, None] - w).square() * H.diagonal()).sum(dim=1)
+    codes, step = quantize_rows(w, bits, clip.to(w.device))
+    best = err(codes, step)
+    for factor in (float(f) for f in args.gptq_clip_factors.split(",")):
+        c, s = quantize_rows(w, bits, clip.to(w.device) * factor)
+        e = err(c, s)
+        step, best = torch.where(e < best, s, step), torch.minimum(e, best)
+    order = torch.argsort(H.diagonal(), descending=True) if args.gptq_act_order else torch.arange(w.size(1), device=w.device)
+    w, H = w[:, order], H[order][:, order]
+    eye = torch.eye(H.size(0), device=H.device)
+    for damp in (args.gptq_damp, 10 * args.gptq_damp, 100 * args.gptq_damp):
+        factor, info = torch.linalg.cholesky_ex(H + damp * H.diagonal().mean() * eye)
+        if info == 0:
+            break
+    else:
+        raise RunError(f"GPTQ: a Hessian stays singular at GPTQ_DAMP x 100 = {100 * args.gptq_damp}")
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    s, q = step.float(), qmax(bits)
+    codes = torch.zeros_like(w)
+    for i1 in range(0, w.size(1), args.gptq_block):
+        i2 = min(i1 + args.gptq_block, w.size(1))
+        block, errors, Hb = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            codes[:, i1 + i] = torch.round(block[:, i] / s).clamp(-q, q)
+            errors[:, i] = (block[:, i] - codes[:, i1 + i] * s) / Hb[i, i]
+            block[:, i:] -= errors[:, i : i + 1] * Hb[i : i + 1, i:]
+        w[:, i2:] -= errors @ Hinv[i1:i2, i2:]
+    return codes[:, torch.argsort(order)], step
+
+
+def gptq_round(state: dict[str, Tensor], hessians: dict[str, Tensor], args: Hyperparameters) -> dict[str, tuple[Tensor, Tensor]]:
+    """GPTQ codes and steps of each matrix of `state` that `hessians` has, at its export spec."""
+    rounded = {}
+    for name, hessian in hessians.items():
+        bits, sigmas = export_spec(name, state[name], args)
+        rows = state[name].detach().reshape(-1, state[name].size(-1))
+        codes, step = gptq_rows(rows, bits, row_clip(rows, sigmas), hessian, args)
+        rounded[name] = codes.to(torch.int8).cpu().view_as(state[name]), step.cpu()
+    return rounded
+
+
+def gptq_export(trainer: Trainer) -> dict[str, tuple[Tensor, Tensor]]:
+    """GPTQ codes of every matrix the export quantizes, calibrated on training tokens; its time is
+    added to the training time."""
+    run, args = trainer.run, trainer.args
+    synchronize(run.device)
+    t0 = time.perf_counter()
+    hessians = gptq_hessians(run.base_model, args, run.train_files, trainer.depth, run.device)
+    rounded = gptq_round(run.base_model.state_dict(), hessians, args)
+    synchronize(run.device)
+    gptq_ms = 1000.0 * (time.perf_counter() - t0)
+    trainer.clock.elapsed_ms += gptq_ms
+    trainer.log(f"gptq calibration:train_tokens seqs:{args.gptq_calib_seqs} tokens:{args.gptq_calib_seqs * args.train_seq_len} "
+                f"depth:{trainer.depth} matrices:{len(rounded)} act_order:{args.gptq_act_order} damp:{args.gptq_damp} "
+                f"time:{gptq_ms:.0f}ms train_time_with_gptq:{trainer.clock.elapsed_ms:.0f}ms")
+    return rounded
+# <<< gptq
 
 
 # >>> ema: an exponential moving average of the weights, exported instead of them

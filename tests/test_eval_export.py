@@ -117,10 +117,10 @@ def test_small_tensors_are_stored_as_pr1088_stored_them():
     model = tiny_model(randomize=True, MOD_CAPACITY="0.5")
     state = model.state_dict()
     obj = train_gpt.quantize_state_dict(state, model.args)
-    stored = {name: t.dtype for name, t in obj["passthrough"].items()}
+    stored = {name: train_gpt.from_byte_planes(t).dtype for name, t in obj["passthrough"].items()}  # as byte planes
     assert stored["controls.attn_norm_bias"] == stored["controls.mlp_norm_bias"] == torch.float16
     for name in ("controls.attn_scale", "controls.mlp_scale", "controls.resid_mix", "block.attns.0.q_gain", "controls.router"):
-        assert stored[name] == torch.float32, name
+        assert stored[name] == torch.float32 and obj["passthrough"][name].size(0) == 4, name
     out = train_gpt.dequantize_state_dict(obj)
     bias = state["controls.attn_norm_bias"]
     assert out["controls.attn_norm_bias"].dtype == torch.float32
@@ -135,7 +135,7 @@ def test_embedding_bits_are_separate_and_16_keeps_fp16():
         assert obj["bits"]["block.mlp.fc.weight"] == 6
         for name in ("tok_emb.weight", "lm_head.weight"):
             if embed_bits == "16":
-                assert obj["passthrough"][name].dtype == torch.float16 and name not in obj["bits"]
+                assert obj["passthrough"][name].size(0) == 2 and name not in obj["bits"]  # fp16's two byte planes
             else:
                 assert obj["bits"][name] == 5 and obj["quantized"][name].abs().max() <= 15
 
@@ -221,10 +221,10 @@ def test_artifact_with_code_or_foreign_format_is_refused(tmp_path, monkeypatch):
     bad_codes = {**good, "quantized": {"w": good["quantized"]["w"].clone()}}
     bad_codes["quantized"]["w"][0, 0] = -128  # outside [-127, 127]
     wrong_bits = {**good, "bits": {"w": 6}}  # int8 codes labelled int6
-    short_steps = {**good, "steps": {"w": good["steps"]["w"][:10]}}
+    short_steps = {**good, "steps": {"w": good["steps"]["w"][:, :10]}}
     cases = (("evil.ptz", {"__quant_format__": train_gpt.QUANT_FORMAT, "x": Evil()}, "not a loadable"),
-             ("foreign.ptz", {"weights": torch.zeros(3)}, "not a per_row_v2 artifact"),
-             ("old.ptz", {**good, "__quant_format__": "int8_per_row_v1"}, "not a per_row_v2 artifact"),
+             ("foreign.ptz", {"weights": torch.zeros(3)}, "not a per_row_v3 artifact"),
+             ("old.ptz", {**good, "__quant_format__": "int8_per_row_v1"}, "not a per_row_v3 artifact"),
              ("extra.ptz", {**good, "extra": {}}, "exactly the entries"),
              ("codes.ptz", bad_codes, "exceed the int8 range"),
              ("bits.ptz", wrong_bits, "exceed the int6 range"),

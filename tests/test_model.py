@@ -99,11 +99,11 @@ def expected_step(w: torch.Tensor, bits: int, sigmas: float, mode: str) -> torch
 def test_qat_noise_is_one_step_of_its_grid(mode, bits, sigmas, compile_layer):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = train_gpt.CastedLinear(300, 256, bias=False)
+    layer = train_gpt.CastedLinear(300, 256, "attn")
     with torch.no_grad():  # row scales from 0.01 to 3: some rows use the clip floor, some do not
         layer.weight.copy_(torch.randn(256, 300) * torch.linspace(0.01, 3, 256)[:, None])
     gate = torch.zeros(())
-    call = lambda x, g: layer(x, train_gpt.QAT(g, bits, sigmas, mode))
+    call = lambda x, g: layer(x, train_gpt.QAT(g, {"attn": bits, "mlp": 8}, sigmas, mode))  # the layer's kind decides
     run = torch.compile(call, backend="aot_eager", fullgraph=True) if compile_layer else call
     eye = torch.eye(300)
     assert torch.equal(run(eye, gate).T, layer.weight.detach())  # gate 0: the float weight

@@ -131,7 +131,9 @@ def test_crafted_artifacts_are_refused_by_the_schema(tmp_path):
         "no_dtype": lambda o: o["dtypes"].pop(name),
         "bits_tensor": lambda o: o["bits"].__setitem__(name, torch.tensor(8)),
         "bits_float": lambda o: o["bits"].__setitem__(name, 8.0),
-        "extra_step": lambda o: o["steps"].__setitem__("ghost", torch.ones(1, dtype=torch.float16)),
+        "extra_step": lambda o: o["steps"].__setitem__("ghost", torch.ones(2, 1, dtype=torch.uint8)),
+        "float_step": lambda o: o["steps"].__setitem__(name, train_gpt.from_byte_planes(o["steps"][name])),
+        "raw_passthrough": lambda o: o["passthrough"].__setitem__("controls.mlp_scale", torch.ones(2, 32)),
         "missing_bits": lambda o: o["bits"].pop(name),
     }
     assert train_gpt.check_schema(good) is None

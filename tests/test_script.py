@@ -51,7 +51,7 @@ def test_end_to_end_run(tmp_path, dataset):
     ttt = re.search(r"^final_ttt_exact val_loss:\S+ val_bpb:(\S+)$", out, re.M)
     compliance = re.search(r"^compliance train_time:(\d+)ms/600000ms:ok eval_time:(\d+)ms/600000ms:ok "
                            r"\(final_int8_zlib_roundtrip:(\d+)ms final_sliding_window:(\d+)ms final_ttt:(\d+)ms\) "
-                           rf"artifact:{total}/16000000:ok val_tokens_trained_before_scoring:0 "
+                           rf"export_calibration:none artifact:{total}/16000000:ok val_tokens_trained_before_scoring:0 "
                            r"score:final_ttt_exact val_bpb:(\S+)$", out, re.M)
     assert ttt and compliance, out[-3000:]
     assert compliance.group(6) == ttt.group(1)
