@@ -15,6 +15,8 @@ bf16 autocast), each in its own folder under --work, read back through its log l
   training losses of the phase.
 - mod, deq, seed_lora: a few steps of each PR #1783 system at the record width.
 - sliding_eval, ttt_eval: the score-first evaluations of a short run.
+- gptq: a few steps at the final depth, exported by GPTQ at int6 (QUANT_METHOD=gptq); the note gives
+  its time (calibration and rounding) and the matrices it rounded.
 Data: the challenge's sp1024 shards and tokenizer under ./data when present (the validation split
 cut to --val-tokens, so the evaluations take seconds), else a dataset built from Python's own
 documentation by data/build_local_dataset.py. A check fails on a non-zero exit, a missing or
@@ -112,6 +114,10 @@ def plan(smoke: bool) -> list[Check]:
         Check("seed_lora", {**features, "SEED_LORA_RANK": "4" if smoke else "64"}, (r"^seed_lora targets:mlp ",)),
         Check("eval", {**features, "EVAL_STRIDE": stride, "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "64" if smoke else "256"},
               (r"^final_sliding_window_exact ", r"^final_ttt_exact ")),
+        # GPTQ int6 at the final depth (at smoke width, an MLP wide enough to have matrices to round)
+        Check("gptq", {**features, "NUM_LAYER_SCHEDULE": f"0:{depths[1]}", "QUANT_METHOD": "gptq", "QUANT_BITS": "6",
+                       **({"MLP_MULT": "72", "MLP_LAYERS": "2", "GPTQ_CALIB_SEQS": "8"} if smoke else {})},
+              (r"^gptq calibration:train_tokens .* matrices:[1-9]\d* .* time:\d+ms ",)),
     ]
 
 
@@ -142,6 +148,9 @@ def read_rows(check: Check, log: str, peak: float | None) -> list[dict]:
     common = {"graphs": graphs.group(1) if graphs else "-", "recompiles": graphs.group(2) if graphs else "-"}
     losses = [(int(s), float(v)) for s, v in re.findall(r"^step:(\d+)/\d+ train_loss:(\S+) ", log, re.M)]
     batch_tokens = int(check.env.get("TRAIN_BATCH_TOKENS", 524_288))
+    gptq = last(r"^gptq .* matrices:(\d+) .* time:(\d+)ms ", log)
+    if gptq:
+        common["note"] = f"GPTQ {gptq.group(2)}ms for {gptq.group(1)} matrices"
     if check.name == "eval":  # a row per evaluation; one that never logged its line has no "note"
         rows = []
         for label, key in (("sliding", "final_sliding_window"), ("ttt", "final_ttt")):
@@ -220,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, when the table does not know it")
     parser.add_argument("--work", type=Path, help="keep the runs' folders here (default: a temporary folder)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per check")
-    parser.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (record mod deq seed_lora eval)")
+    parser.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (record mod deq seed_lora eval gptq)")
     args = parser.parse_args(argv)
 
     if args.smoke:

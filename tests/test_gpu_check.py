@@ -37,7 +37,7 @@ def test_smoke_run_passes_every_check_with_inductor_and_no_recompiles(tmp_path):
     result = run(tmp_path, env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     table = rows(result.stdout)
-    assert list(table) == ["record_d1", "record_d2", "mod", "deq", "seed_lora", "sliding_eval", "ttt_eval"]
+    assert list(table) == ["record_d1", "record_d2", "mod", "deq", "seed_lora", "sliding_eval", "ttt_eval", "gptq"]
     assert all(r["result"] == "pass" for rs in table.values() for r in rs)
     for depth in (1, 2):
         (row,) = table[f"record_d{depth}"]
@@ -50,6 +50,7 @@ def test_smoke_run_passes_every_check_with_inductor_and_no_recompiles(tmp_path):
     assert list(cache.rglob("*.cpp")) or list(cache.rglob("*.so"))
     assert [r["depth"] for r in table["deq"]] == ["1", "solve"]
     assert re.fullmatch(r"eval \d+ms val_bpb [\d.]+", table["ttt_eval"][0]["note"])
+    assert re.fullmatch(r"GPTQ \d+ms for [1-9]\d* matrices", table["gptq"][0]["note"])
 
 
 def test_a_broken_check_fails_by_name(tmp_path):
