@@ -2554,7 +2554,8 @@ def gptq_hessians(model: GPT, args: Hyperparameters, train_files: list[Path], de
     def accumulate(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
-            hessians[name] = x.T @ x if name not in hessians else hessians[name].addmm_(x.T, x)
+            with torch.autocast(x.device.type, enabled=False):  # the forward's bf16 autocast would round the sum
+                hessians[name] = x.T @ x if name not in hessians else hessians[name].addmm_(x.T, x)
         return hook
 
     hooks = [module.register_forward_hook(accumulate(f"{name}.weight")) for name, module in model.named_modules()

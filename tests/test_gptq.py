@@ -134,3 +134,13 @@ def test_gptq_calibration_reads_no_validation_token(tmp_path, dataset):
         digests.append(hashlib.sha256((run / "artifacts" / "gptq" / "final_model.int6.ptz").read_bytes()).hexdigest())
         scores.append(re.search(r"^final_int6_zlib_roundtrip_exact val_loss:(\S+)", out, re.M).group(1))
     assert digests[0] == digests[1] and scores[0] != scores[1]
+
+
+def test_hessians_are_fp32_under_cudas_bf16_autocast(dataset, monkeypatch):
+    # On CUDA the calibration forward runs under bf16 autocast, which also reaches the hooks.
+    monkeypatch.setattr(train_gpt, "CPU_AUTOCAST", True)
+    monkeypatch.setattr(train_gpt, "KEEP_FLOAT_MAX_NUMEL", 0)
+    model = tiny_model(randomize=True, NUM_LAYER_SCHEDULE="0:2", GPTQ_CALIB_SEQS="4")
+    files = sorted(Path(dataset["DATA_PATH"]).glob("fineweb_train_*.bin"))
+    hessians = train_gpt.gptq_hessians(model, model.args, files, 2, torch.device("cpu"))
+    assert hessians and all(h.dtype == torch.float32 and torch.isfinite(h).all() for h in hessians.values())
