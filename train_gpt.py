@@ -11,10 +11,11 @@ process (CUDA when present, else CPU with gloo; TORCH_COMPILE=0 skips compilatio
 launches the file `records/submission.py pack` writes: a run counts the bytes of the file it runs.
 
 Sections, in the order data flows: hyperparameters, optimizer, data, model, quantization and
-export, evaluation, training; then the optional systems (hash n-gram embeddings, Seed-LoRA,
-Mixture-of-Depths, DEQ, test-time training, EMA, checkpoints), each one marked block, plugged
-into the core by hook lines marked with its name. `records/submission.py strip train_gpt.py -o OUT
---keep NAME ...` deletes the systems not named, blocks and hooks.
+export, evaluation, training; then the optional systems (U-Net skips, step warmdown, hash n-gram
+embeddings, Seed-LoRA, Mixture-of-Depths, DEQ, test-time training, GPTQ, EMA, checkpoints), each
+one marked block, plugged into the core by hook lines marked with its name.
+`records/submission.py strip train_gpt.py -o OUT --keep NAME ...` deletes the systems not named,
+blocks and hooks.
 """
 
 from __future__ import annotations

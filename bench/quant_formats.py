@@ -6,6 +6,7 @@
 artifacts/<RUN_ID>/final_model.pt is the float state dict a run writes before export (EMA applied
 when on). The model shape and the data come from the environment, as for train_gpt.py; the depth
 from the last phase of NUM_LAYER_SCHEDULE. For each model and format it prints the artifact bytes,
+what storing the fp16 steps and float tensors as byte planes saved (against plain tensors),
 the compressed bytes per parameter, the pre-training size estimate for this shape, and the
 roundtrip val_bpb minus the float model's (plain evaluation, the baseline's metric). GPTQ formats
 calibrate once per model, as a run does (GPTQ_CALIB_SEQS sequences from the start of the
@@ -16,6 +17,7 @@ gives each format's mean and standard deviation over them. One process, on the C
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import statistics
 import sys
@@ -35,9 +37,11 @@ FORMATS = {
     "int7+zstd": {"QUANT_BITS": "7", "COMPRESSOR": "zstd"},
     "int6+zstd": {"QUANT_BITS": "6", "COMPRESSOR": "zstd"},
     "int6+zstd gptq": {"QUANT_BITS": "6", "COMPRESSOR": "zstd", **GPTQ},
+    "int6+zstd gptq clip1": {"QUANT_BITS": "6", "COMPRESSOR": "zstd", **GPTQ, "GPTQ_CLIP_FACTORS": "1"},
     "int6+lzma": {"QUANT_BITS": "6", "COMPRESSOR": "lzma"},
     "int5+zstd": {"QUANT_BITS": "5", "COMPRESSOR": "zstd"},
     "int5+zstd gptq": {"QUANT_BITS": "5", "COMPRESSOR": "zstd", **GPTQ},
+    "int5+zstd gptq clip1": {"QUANT_BITS": "5", "COMPRESSOR": "zstd", **GPTQ, "GPTQ_CLIP_FACTORS": "1"},
     "int4+zstd gptq": {"QUANT_BITS": "4", "COMPRESSOR": "zstd", **GPTQ},
     "int6a5m+zstd": {"ATTN_BITS": "6", "MLP_BITS": "5", "COMPRESSOR": "zstd"},
     "int6a5m+zstd gptq": {"ATTN_BITS": "6", "MLP_BITS": "5", "COMPRESSOR": "zstd", **GPTQ},
@@ -49,6 +53,17 @@ FORMATS = {
     "int6+zstd embed16": {"QUANT_BITS": "6", "COMPRESSOR": "zstd", "EMBED_BITS": "16"},
     "int6+zstd embed7 head6 gptq": {"QUANT_BITS": "6", "COMPRESSOR": "zstd", "EMBED_BITS": "7", "HEAD_BITS": "6", **GPTQ},
 }
+
+
+def without_byte_planes(state: dict, args, rounded) -> int:
+    """The artifact's bytes with steps and float tensors stored as plain tensors, not byte planes."""
+    obj = train_gpt.quantize_state_dict(state, args, rounded)
+    plain = lambda d: {k: train_gpt.from_byte_planes(t) if t.dtype == torch.uint8 and k in obj["dtypes"] else t
+                       for k, t in d.items()}
+    obj["passthrough"], obj["steps"] = plain(obj["passthrough"]), {k: train_gpt.from_byte_planes(t) for k, t in obj["steps"].items()}
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return len(train_gpt.compress(buf.getvalue(), args.compressor))
 
 
 def measure(path: str, formats: list[str]) -> dict[str, tuple[int, float]]:
@@ -80,7 +95,8 @@ def measure(path: str, formats: list[str]) -> dict[str, tuple[int, float]]:
         model.load_state_dict(train_gpt.load_artifact(name, blob), strict=True)
         gap = score() - float_bpb
         results[name] = len(blob), gap
-        print(f"{name:30s} bytes:{len(blob)} bytes_per_param:{len(blob) / params:.3f} "
+        planes = without_byte_planes(state, args, rounded) - len(blob)
+        print(f"{name:30s} bytes:{len(blob)} byte_planes_saved:{planes} bytes_per_param:{len(blob) / params:.3f} "
               f"estimate:{estimate} ({estimate / len(blob) - 1:+.1%}) quant_gap_bpb:{gap:+.5f}{note}", flush=True)
     return results
 
