@@ -986,7 +986,7 @@ def byte_planes(t: Tensor) -> Tensor:
     exponent bytes of neighbouring values then sit together, which the compressor finds (the
     records' byte shuffle)."""
     k = t.element_size()
-    return t.detach().reshape(-1).view(torch.uint8).view(-1, k).T.reshape(k, *t.shape)
+    return t.detach().reshape(-1).view(torch.uint8).view(-1, k).T.contiguous().reshape(k, *t.shape)
 
 
 def from_byte_planes(planes: Tensor) -> Tensor:
