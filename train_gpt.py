@@ -2515,9 +2515,9 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
 
 # >>> gptq: GPTQ export that knows the block is shared
 def gptq_settings(h: Hyperparameters) -> None:
-    # QUANT_METHOD=gptq rounds the exported matrices by GPTQ instead of to nearest, on the same grid:
-    # each row's clip is the export's clip times the GPTQ_CLIP_FACTORS factor with the least
-    # Hessian-weighted rounding error; then the columns are rounded in turn (by decreasing Hessian
+    # QUANT_METHOD=gptq rounds the exported matrices by GPTQ instead of to nearest, on the same grid
+    # (with GPTQ_CLIP_FACTORS such as "1,0.9,0.8", each row's clip is the export's clip times the
+    # factor with the least Hessian-weighted rounding error); the columns are rounded in turn (by decreasing Hessian
     # diagonal with GPTQ_ACT_ORDER), each one's error fed back into the columns not yet rounded
     # through the Cholesky factor of the inverse Hessian (GPTQ_DAMP times its mean diagonal added),
     # GPTQ_BLOCK columns at a time. The Hessians are those of the matrices' inputs on
@@ -2530,7 +2530,7 @@ def gptq_settings(h: Hyperparameters) -> None:
     h.gptq_damp = h._get("GPTQ_DAMP", 0.01, "(0,)")
     h.gptq_block = h._get("GPTQ_BLOCK", 128, "[1,)")
     h.gptq_act_order = h._get("GPTQ_ACT_ORDER", True)
-    h.gptq_clip_factors = h._get("GPTQ_CLIP_FACTORS", "1,0.95,0.9,0.85,0.8")
+    h.gptq_clip_factors = h._get("GPTQ_CLIP_FACTORS", "1")
     h.gptq_reserve_seconds = h._get("GPTQ_RESERVE_SECONDS", 12.0, "[0,)")
     try:
         factors = [float(f) for f in h.gptq_clip_factors.split(",")]

@@ -31,17 +31,18 @@ import train_gpt  # noqa: E402
 from eval_artifact import scoring_setup  # noqa: E402
 
 GPTQ = {"QUANT_METHOD": "gptq"}
+CLIP_SEARCH = {"GPTQ_CLIP_FACTORS": "1,0.95,0.9,0.85,0.8"}
 FORMATS = {
     "int8+zlib": {},
     "int8+zstd": {"COMPRESSOR": "zstd"},
     "int7+zstd": {"QUANT_BITS": "7", "COMPRESSOR": "zstd"},
     "int6+zstd": {"QUANT_BITS": "6", "COMPRESSOR": "zstd"},
     "int6+zstd gptq": {"QUANT_BITS": "6", "COMPRESSOR": "zstd", **GPTQ},
-    "int6+zstd gptq clip1": {"QUANT_BITS": "6", "COMPRESSOR": "zstd", **GPTQ, "GPTQ_CLIP_FACTORS": "1"},
+    "int6+zstd gptq clipsearch": {"QUANT_BITS": "6", "COMPRESSOR": "zstd", **GPTQ, **CLIP_SEARCH},
     "int6+lzma": {"QUANT_BITS": "6", "COMPRESSOR": "lzma"},
     "int5+zstd": {"QUANT_BITS": "5", "COMPRESSOR": "zstd"},
     "int5+zstd gptq": {"QUANT_BITS": "5", "COMPRESSOR": "zstd", **GPTQ},
-    "int5+zstd gptq clip1": {"QUANT_BITS": "5", "COMPRESSOR": "zstd", **GPTQ, "GPTQ_CLIP_FACTORS": "1"},
+    "int5+zstd gptq clipsearch": {"QUANT_BITS": "5", "COMPRESSOR": "zstd", **GPTQ, **CLIP_SEARCH},
     "int4+zstd gptq": {"QUANT_BITS": "4", "COMPRESSOR": "zstd", **GPTQ},
     "int6a5m+zstd": {"ATTN_BITS": "6", "MLP_BITS": "5", "COMPRESSOR": "zstd"},
     "int6a5m+zstd gptq": {"ATTN_BITS": "6", "MLP_BITS": "5", "COMPRESSOR": "zstd", **GPTQ},
