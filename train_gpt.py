@@ -2582,12 +2582,11 @@ def gptq_rows(w: Tensor, bits: int, clip: Tensor, hessian: Tensor, args: Hyperpa
     H[dead, dead] = 1.0
     w[:, dead] = 0.0
     err = lambda codes, step: ((codes * step.float()[:, None] - w).square() * H.diagonal()).sum(dim=1)
-    codes, step = quantize_rows(w, bits, clip.to(w.device))
-    best = err(codes, step)
-    for factor in (float(f) for f in args.gptq_clip_factors.split(",")):
+    step = best = None
+    for factor in (float(f) for f in args.gptq_clip_factors.split(",")):  # each row keeps its best clip
         c, s = quantize_rows(w, bits, clip.to(w.device) * factor)
         e = err(c, s)
-        step, best = torch.where(e < best, s, step), torch.minimum(e, best)
+        step, best = (s, e) if best is None else (torch.where(e < best, s, step), torch.minimum(e, best))
     order = torch.argsort(H.diagonal(), descending=True) if args.gptq_act_order else torch.arange(w.size(1), device=w.device)
     w, H = w[:, order], H[order][:, order]
     eye = torch.eye(H.size(0), device=H.device)

@@ -1,4 +1,4 @@
-"""Does the record path work on this GPU, and how fast is it? One command, one table, under 10 minutes.
+"""Does the record path work on this GPU, and how fast is it? One command, one table, in about 15 minutes.
 
     python3 bench/gpu_check.py              # on a machine with one CUDA GPU
     python3 bench/gpu_check.py --smoke      # the same code at a tiny size on the CPU (CI runs it)

@@ -67,7 +67,7 @@ def test_int6_zstd_run_with_late_ste_qat_and_ema(tmp_path, dataset):
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert re.search(r"^size_estimate int6\+zstd: total:~\d+ cap:16000000 likely fits$", out, re.M)
-    assert "export:int6+zstd embed_bits:8 clip_sigmas:0.0,0.0 noisy_qat:True qat_mode:ste qat_start_frac:0.5" in out
+    assert "export:int6+zstd embed_bits:8 head_bits:8 clip_sigmas:0.0,0.0 noisy_qat:True qat_mode:ste qat_start_frac:0.5" in out
     assert re.findall(r"^qat_start .*$", out, re.M) == ["qat_start step:6 mode:ste grid:int6"]
     last_val = values(re.findall(r"^step:12/12 val_loss:.*$", out, re.M)[0], "val_bpb")[0]
     ema = re.search(r"^ema decay:0.5 val_loss:\S+ val_bpb:(\S+) raw_val_bpb:(\S+) delta_bpb:(\S+)$", out, re.M)
