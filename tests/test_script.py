@@ -260,7 +260,7 @@ BAD = {
     "stride over window": ({"EVAL_STRIDE": "33"}, "EVAL_STRIDE=33"),
     "ttt mode": ({"TTT_MODE": "sgd"}, "TTT_MODE"),
     "full ttt per doc": ({"TTT_MODE": "full", "TTT_RESET": "doc"}, "TTT_RESET=none"),
-    "quant bits": ({"QUANT_BITS": "4"}, "QUANT_BITS"),
+    "quant bits": ({"QUANT_BITS": "3"}, "QUANT_BITS"),
     "embed bits": ({"EMBED_BITS": "12"}, "EMBED_BITS"),
     "compressor": ({"COMPRESSOR": "gzip"}, "COMPRESSOR"),
     "qat mode": ({"QAT_MODE": "lsq"}, "QAT_MODE"),
