@@ -151,7 +151,8 @@ class Hyperparameters:
         # records' SDClip). Bits per class: ATTN_BITS and MLP_BITS (the MLP's and any other large
         # matrix), both QUANT_BITS unless set; the token embedding EMBED_BITS and an untied head
         # HEAD_BITS (default EMBED_BITS; 16 keeps either fp16), clipped at EMBED_CLIP_SIGMAS.
-        # COMPRESSOR: zlib (level 9), zstd (level 22) or lzma. NOISY_QAT perturbs the quantized matrices from QAT_START_FRAC of training on:
+        # COMPRESSOR: zlib (level 9), zstd (level 22) or lzma. NOISY_QAT perturbs the quantized
+        # matrices from QAT_START_FRAC of training on:
         # uniform noise of one step of row max / qmax (QAT_MODE=noise, PR #1088), of one step of the
         # export's grid (grid_noise), or straight-through rounding to that grid (ste).
         self.quant_bits = self._get("QUANT_BITS", 8)
@@ -169,10 +170,12 @@ class Hyperparameters:
         # a run estimated over the cap by more than the estimate's error is refused (refuse) unless
         # SIZE_CHECK=warn. Either way the artifact is written and scored at the end.
         self.size_check = self._get("SIZE_CHECK", "refuse")
-        for name, value, choices in (("QUANT_BITS", self.quant_bits, CODE_BITS), ("ATTN_BITS", self.attn_bits, CODE_BITS),
-                                     ("MLP_BITS", self.mlp_bits, CODE_BITS), ("EMBED_BITS", self.embed_bits, CODE_BITS + (16,)),
-                                     ("HEAD_BITS", self.head_bits, CODE_BITS + (16,)), ("COMPRESSOR", self.compressor, COMPRESSORS),
-                                     ("QAT_MODE", self.qat_mode, ("noise", "grid_noise", "ste")), ("AUTOCAST", self.autocast, ("auto", "bf16")), ("SIZE_CHECK", self.size_check, ("refuse", "warn"))):
+        for name, value, choices in (
+                ("QUANT_BITS", self.quant_bits, CODE_BITS), ("ATTN_BITS", self.attn_bits, CODE_BITS),
+                ("MLP_BITS", self.mlp_bits, CODE_BITS), ("EMBED_BITS", self.embed_bits, CODE_BITS + (16,)),
+                ("HEAD_BITS", self.head_bits, CODE_BITS + (16,)), ("COMPRESSOR", self.compressor, COMPRESSORS),
+                ("QAT_MODE", self.qat_mode, ("noise", "grid_noise", "ste")), ("AUTOCAST", self.autocast, ("auto", "bf16")),
+                ("SIZE_CHECK", self.size_check, ("refuse", "warn"))):
             check_choice(name, value, choices)
 
     def _get(self, name: str, default, bounds: str = ""):
@@ -1009,7 +1012,8 @@ def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters,
             passthrough[name] = byte_planes(kept) if t.is_floating_point() else kept
             continue
         rows = t.reshape(-1, t.size(-1))
-        codes, step = rounded[name] if rounded and name in rounded else quantize_rows(rows, spec[0], row_clip(rows, spec[1]))
+        given = rounded and rounded.get(name)
+        codes, step = given or quantize_rows(rows, spec[0], row_clip(rows, spec[1]))
         quantized[name], steps[name], bits[name] = codes.to(torch.int8).view_as(t), byte_planes(step), spec[0]
     return {"__quant_format__": QUANT_FORMAT, "quantized": quantized, "steps": steps, "bits": bits,
             "dtypes": dtypes, "passthrough": passthrough}
@@ -1111,10 +1115,13 @@ def decompress(data: bytes, limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:
     return out
 
 
+def width_name(args: Hyperparameters) -> str:
+    """int6; with mixed matrix widths, int6a5m (attention 6, MLP 5)."""
+    return f"int{args.attn_bits}" if args.attn_bits == args.mlp_bits else f"int{args.attn_bits}a{args.mlp_bits}m"
+
+
 def format_name(args: Hyperparameters) -> str:
-    """int6+zstd; with mixed matrix widths, int6a5m+zstd (attention 6, MLP 5)."""
-    width = f"int{args.attn_bits}" if args.attn_bits == args.mlp_bits else f"int{args.attn_bits}a{args.mlp_bits}m"
-    return f"{width}+{args.compressor}"
+    return f"{width_name(args)}+{args.compressor}"
 
 
 def serialize_artifact(state: dict[str, Tensor], args: Hyperparameters,
@@ -1728,7 +1735,8 @@ def log_config(run: Run, verdict: str) -> None:
         f"attn_per_block:{args.attn_per_block} mlp_layers:{args.mlp_layers} mlp_hidden:{int(args.mlp_mult * args.model_dim)}")
     log(f"layer_schedule:{','.join(f'{s}:{d}' for s, d in args.layer_schedule)} max_depth:{args.max_depth} "
         f"stem_blocks:{args.num_stem_blocks} tail_blocks:{args.num_tail_blocks} norm_bias:{args.norm_bias}")
-    log(f"export:{format_name(args)} embed_bits:{args.embed_bits} head_bits:{args.head_bits} clip_sigmas:{args.matrix_clip_sigmas},{args.embed_clip_sigmas} "
+    log(f"export:{format_name(args)} embed_bits:{args.embed_bits} head_bits:{args.head_bits} "
+        f"clip_sigmas:{args.matrix_clip_sigmas},{args.embed_clip_sigmas} "
         f"noisy_qat:{args.noisy_qat} qat_mode:{args.qat_mode} qat_start_frac:{args.qat_start_frac}")
     log(f"tie_embeddings:{args.tie_embeddings} embed_lr:{args.tied_embed_lr if args.tie_embeddings else args.embed_lr} "
         f"head_lr:{0.0 if args.tie_embeddings else args.head_lr} matrix_lr:{args.matrix_lr} scalar_lr:{args.scalar_lr}")
@@ -1856,7 +1864,7 @@ class Trainer:
         if args.noisy_qat and not self.qat_on and self.clock.progress(step) >= args.qat_start_frac:
             self.qat_gate.fill_(1.0)
             self.qat_on = True
-            self.log(f"qat_start step:{step} mode:{args.qat_mode} grid:{format_name(args).split('+')[0]}")
+            self.log(f"qat_start step:{step} mode:{args.qat_mode} grid:{width_name(args)}")
         scale = self.clock.lr_mul(step)
         frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
         self.optimizers[0].param_groups[0]["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
@@ -1951,7 +1959,7 @@ def export_and_score(trainer: Trainer) -> int:
     # <<< ema
     log(f"final_prequant_exact val_loss:{trainer.val_loss:.8f} val_bpb:{val_bpb:.8f}")
     fmt = format_name(args)
-    artifact = Path("artifacts", args.run_id, f"final_model.{fmt.split('+')[0]}.ptz")
+    artifact = Path("artifacts", args.run_id, f"final_model.{width_name(args)}.ptz")
     rounded, calibration = None, "none"  # codes not rounded to nearest, by name; the tokens their rounding read
     # >>> gptq
     if args.quant_method == "gptq":
@@ -2517,10 +2525,10 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
 def gptq_settings(h: Hyperparameters) -> None:
     # QUANT_METHOD=gptq rounds the exported matrices by GPTQ instead of to nearest, on the same grid
     # (with GPTQ_CLIP_FACTORS such as "1,0.9,0.8", each row's clip is the export's clip times the
-    # factor with the least Hessian-weighted rounding error); the columns are rounded in turn (by decreasing Hessian
-    # diagonal with GPTQ_ACT_ORDER), each one's error fed back into the columns not yet rounded
-    # through the Cholesky factor of the inverse Hessian (GPTQ_DAMP times its mean diagonal added),
-    # GPTQ_BLOCK columns at a time. The Hessians are those of the matrices' inputs on
+    # factor with the least Hessian-weighted rounding error); the columns are rounded in turn (by
+    # decreasing Hessian diagonal with GPTQ_ACT_ORDER), each one's error fed back into the columns
+    # not yet rounded through the Cholesky factor of the inverse Hessian (GPTQ_DAMP times its mean
+    # diagonal added), GPTQ_BLOCK columns at a time. The Hessians are those of the matrices' inputs on
     # GPTQ_CALIB_SEQS sequences from the start of the training shards (never validation tokens) at
     # the final depth: the shared block's matrices sum the inputs of every pass. It is training
     # time: a capped run stops GPTQ_RESERVE_SECONDS early for it, and its time is added.
@@ -2533,7 +2541,7 @@ def gptq_settings(h: Hyperparameters) -> None:
     h.gptq_clip_factors = h._get("GPTQ_CLIP_FACTORS", "1")
     h.gptq_reserve_seconds = h._get("GPTQ_RESERVE_SECONDS", 12.0, "[0,)")
     try:
-        factors = [float(f) for f in h.gptq_clip_factors.split(",")]
+        factors = clip_factors(h)
     except ValueError:
         factors = []
     if not factors or not all(0 < f <= 1 for f in factors):
@@ -2544,6 +2552,10 @@ def gptq_settings(h: Hyperparameters) -> None:
 
 
 EXTENSION_SETTINGS.append(gptq_settings)
+
+
+def clip_factors(args: Hyperparameters) -> list[float]:
+    return [float(f) for f in args.gptq_clip_factors.split(",")]
 
 
 def gptq_hessians(model: GPT, args: Hyperparameters, train_files: list[Path], depth: int,
@@ -2582,9 +2594,9 @@ def gptq_rows(w: Tensor, bits: int, clip: Tensor, hessian: Tensor, args: Hyperpa
     H[dead, dead] = 1.0
     w[:, dead] = 0.0
     err = lambda codes, step: ((codes * step.float()[:, None] - w).square() * H.diagonal()).sum(dim=1)
-    step = best = None
-    for factor in (float(f) for f in args.gptq_clip_factors.split(",")):  # each row keeps its best clip
-        c, s = quantize_rows(w, bits, clip.to(w.device) * factor)
+    clip, step, best = clip.to(w.device), None, None
+    for factor in clip_factors(args):  # each row keeps its best clip
+        c, s = quantize_rows(w, bits, clip * factor)
         e = err(c, s)
         step, best = (s, e) if best is None else (torch.where(e < best, s, step), torch.minimum(e, best))
     order = torch.argsort(H.diagonal(), descending=True) if args.gptq_act_order else torch.arange(w.size(1), device=w.device)
