@@ -21,7 +21,9 @@ blocks and hooks.
 from __future__ import annotations
 
 import copy
+# >>> input_checks
 import difflib
+# <<< input_checks
 import glob
 import hashlib
 import io
@@ -166,16 +168,11 @@ class Hyperparameters:
         self.noisy_qat = self._get("NOISY_QAT", True)
         self.qat_mode = self._get("QAT_MODE", "noise")
         self.qat_start_frac = self._get("QAT_START_FRAC", 0.0, "[0,1)")
-        # The size estimate (code + weights, as trained to record length) is made before training;
-        # a run estimated over the cap by more than the estimate's error is refused (refuse) unless
-        # SIZE_CHECK=warn. Either way the artifact is written and scored at the end.
-        self.size_check = self._get("SIZE_CHECK", "refuse")
         for name, value, choices in (
                 ("QUANT_BITS", self.quant_bits, CODE_BITS), ("ATTN_BITS", self.attn_bits, CODE_BITS),
                 ("MLP_BITS", self.mlp_bits, CODE_BITS), ("EMBED_BITS", self.embed_bits, CODE_BITS + (16,)),
                 ("HEAD_BITS", self.head_bits, CODE_BITS + (16,)), ("COMPRESSOR", self.compressor, COMPRESSORS),
-                ("QAT_MODE", self.qat_mode, ("noise", "grid_noise", "ste")), ("AUTOCAST", self.autocast, ("auto", "bf16")),
-                ("SIZE_CHECK", self.size_check, ("refuse", "warn"))):
+                ("QAT_MODE", self.qat_mode, ("noise", "grid_noise", "ste")), ("AUTOCAST", self.autocast, ("auto", "bf16"))):
             check_choice(name, value, choices)
 
     def _get(self, name: str, default, bounds: str = ""):
@@ -285,19 +282,6 @@ def known_settings() -> set[str]:
 
     Hyperparameters(Recorder())
     return names
-
-
-def setting_warnings(env: Mapping[str, str]) -> list[str]:
-    """A warning for each variable that looks like one of ours but is not: close to a known name (a
-    typo), or any name with a prefix that several of ours share (TTT_, DEQ_, EVAL_, ...)."""
-    known = known_settings()
-    prefixes = [p for p in {n.split("_")[0] for n in known} if sum(n.startswith(p + "_") for n in known) > 1]
-    warnings = []
-    for name in sorted(set(env) - known):
-        if difflib.get_close_matches(name, known, n=1, cutoff=0.8) or name.split("_")[0] in prefixes:
-            closest = difflib.get_close_matches(name, known, n=1, cutoff=0.0)[0]
-            warnings.append(f"WARNING: {name} is not a setting of this script and is ignored (closest: {closest})")
-    return warnings
 
 
 def grad_accum_steps(world_size: int) -> int:
@@ -416,27 +400,6 @@ def train_shard_files(pattern: str) -> list[Path]:
     return files
 
 
-def check_shard_ids(file: Path, vocab_size: int) -> None:
-    tokens = np.memmap(file, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(shard_token_count(file),))
-    top = int(tokens.max(initial=0))
-    if top >= vocab_size:
-        raise RunError(f"{file} holds token id {top}, not below VOCAB_SIZE={vocab_size}: the shards and the "
-                       "tokenizer do not match")
-
-
-def check_token_ids(files: list[Path], vocab_size: int) -> Callable[[], None]:
-    """Start reading every shard's largest token id in background threads (while the model
-    compiles); the returned function waits for them and refuses a shard made for a larger vocab."""
-    pool = ThreadPoolExecutor(max_workers=4)
-    checks = [pool.submit(check_shard_ids, f, vocab_size) for f in files]
-    pool.shutdown(wait=False)
-
-    def wait() -> None:
-        for check in checks:
-            check.result()  # re-raises the shard's RunError
-    return wait
-
-
 class TokenStream:
     # Reads shards in order, forever. The next shard loads in a background thread so crossing a
     # shard boundary never stalls the training step.
@@ -533,8 +496,10 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tenso
     files = sorted(glob.glob(pattern))
     if not files:
         raise RunError(f"DATA_PATH has no validation shards matching {pattern}")
+    # >>> input_checks
     for f in files:
         check_shard_ids(Path(f), vocab_size)
+    # <<< input_checks
     tokens = torch.cat([load_data_shard(Path(f)) for f in files])
     usable = ((tokens.numel() - 1) // seq_len) * seq_len
     if usable <= 0:
@@ -1029,35 +994,6 @@ def dequantize_state_dict(obj: dict[str, object]) -> dict[str, Tensor]:
     return out
 
 
-def check_schema(obj: object) -> str | None:
-    """What is wrong with a loaded artifact object, or None when it is this script's format."""
-    keys = {"__quant_format__", "quantized", "steps", "bits", "dtypes", "passthrough"}
-    if not isinstance(obj, dict) or obj.get("__quant_format__") != QUANT_FORMAT:
-        return f"not a {QUANT_FORMAT} artifact"
-    if set(obj) != keys or not all(isinstance(obj[k], dict) for k in keys - {"__quant_format__"}):
-        return f"a {QUANT_FORMAT} artifact has exactly the entries {sorted(keys)}"
-    quantized = obj["quantized"]
-    if obj["steps"].keys() != quantized.keys() or obj["bits"].keys() != quantized.keys():
-        return "steps and bits must name exactly the quantized tensors"
-    for name, q in quantized.items():
-        bits, step = obj["bits"][name], obj["steps"][name]
-        if name not in obj["dtypes"]:
-            return f"{name}: a quantized tensor needs a dtype entry"
-        if not (isinstance(q, Tensor) and q.dtype == torch.int8 and q.ndim >= 1 and q.size(-1) > 0
-                and type(bits) is int and bits in CODE_BITS
-                and isinstance(step, Tensor) and step.dtype == torch.uint8 and step.shape == (2, q.numel() // q.size(-1))):
-            return f"{name}: codes, bits and steps do not fit together"
-        if q.numel() and (q.min() < -qmax(bits) or q.max() > qmax(bits)):
-            return f"{name}: codes exceed the int{bits} range [-{qmax(bits)}, {qmax(bits)}]"
-    for name, dtype in obj["dtypes"].items():
-        if dtype not in ("float32", "bfloat16", "float16") or name not in obj["quantized"] and name not in obj["passthrough"]:
-            return f"{name}: unexpected dtype entry {dtype!r}"
-    for name, t in obj["passthrough"].items():
-        if not isinstance(t, Tensor) or name in obj["dtypes"] and not (t.dtype == torch.uint8 and t.ndim >= 1 and t.size(0) in (2, 4)):
-            return f"{name}: a passthrough entry is a tensor, the byte planes of a float one"
-    return None
-
-
 def write_atomic(path: str | Path, data: bytes) -> None:
     """`path` holds its old content or all of `data`, even across a crash or a full disk: a hidden
     temp file beside it is written and fsynced, renamed over it, and the folder fsynced; on any
@@ -1141,9 +1077,11 @@ def load_artifact(path: str | Path, data: bytes | None = None) -> dict[str, Tens
         obj = torch.load(io.BytesIO(decompress(data, MAX_DECOMPRESSED_BYTES)), map_location="cpu", weights_only=True)
     except Exception as e:  # reading, decompression, unpickling and weights_only errors alike
         raise RunError(f"{path} is not a loadable artifact: {type(e).__name__}: {(str(e) or '?').splitlines()[0]}") from None
+    # >>> input_checks
     problem = check_schema(obj)
     if problem:
         raise RunError(f"{path}: {problem}")
+    # <<< input_checks
     return dequantize_state_dict(obj)
 
 
@@ -1168,51 +1106,6 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> Non
         problems = str(e).splitlines()
         raise RunError(f"{source} does not fit the model of these settings: "
                        f"{' '.join(p.strip() for p in problems[1:3]) or problems[0]}") from None
-
-
-# The size estimate's calibration. Codes are costed as those of Gaussian rows of TRAINED_ROW_STD,
-# fitted so that the default configuration is estimated at PR #1088's int8+zlib artifact
-# (15,928,510 bytes; in sample). Out of sample, against the published int8+zlib artifacts this
-# script can express (twelve runs of the challenge's baseline, its plain point: 15.80-15.84 MB;
-# the FP16Embed_WD3600 record, EMBED_BITS=16: 15.85 MB), it is 3.2-5.3% low (bench/size_estimate.py).
-# Short runs compress better than record-length ones (their rows are smaller): the estimate is high
-# for them.
-TRAINED_ROW_STD = 0.228
-SIZE_ESTIMATE_ERROR = 0.06  # the largest error measured at record scale (5.3%), rounded up
-
-
-def estimate_artifact_bytes(state: dict[str, Tensor], args: Hyperparameters) -> int:
-    """What the compressed artifact of a model of this shape weighs once trained to record length:
-    float tensors at their stored size, codes at the compressed size of Gaussian codes."""
-    gaussian = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)) * TRAINED_ROW_STD
-    bits_per_code: dict[tuple[int, float], float] = {}
-    total = 4096.0  # torch.save's container and names
-    for name, t in state.items():
-        spec = export_spec(name, t, args)
-        if spec is None:
-            total += t.numel() * passthrough_dtype(name, t).itemsize
-            continue
-        if spec not in bits_per_code:
-            codes, _ = quantize_rows(gaussian, spec[0], row_clip(gaussian, spec[1]))
-            bits_per_code[spec] = 8 * len(compress(codes.to(torch.int8).numpy().tobytes(), args.compressor)) / gaussian.numel()
-        total += t.numel() * bits_per_code[spec] / 8 + 2 * t.numel() // t.size(-1)  # codes + fp16 steps
-    return int(total)
-
-
-def size_verdict(estimate: int, args: Hyperparameters) -> str:
-    """The size_estimate line's verdict; a RunError when the estimate is over the cap by more than
-    its error, unless SIZE_CHECK=warn."""
-    over, error = estimate / SIZE_CAP_BYTES - 1.0, f"{100 * SIZE_ESTIMATE_ERROR:.0f}%"
-    if over > SIZE_ESTIMATE_ERROR:
-        if args.size_check != "warn":
-            raise RunError(f"the artifact is estimated at ~{estimate} bytes with the code, {100 * over:.1f}% over the "
-                           f"{SIZE_CAP_BYTES}-byte cap, more than the estimate's {error} error: lower QUANT_BITS, "
-                           "EMBED_BITS or the model size, run a packed script (records/submission.py pack), or set "
-                           "SIZE_CHECK=warn to train anyway")
-        return f"WARNING: over the cap by more than the estimate's {error} error (SIZE_CHECK=warn)"
-    if over > 0:
-        return "WARNING: likely over the cap: run a packed script (records/submission.py pack) or shrink the export"
-    return f"WARNING: within the estimate's {error} error of the cap" if over > -SIZE_ESTIMATE_ERROR else "likely fits"
 
 
 # -----------------------------
@@ -1320,16 +1213,6 @@ def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, depth: int, s
 # -----------------------------
 # TRAINING
 # -----------------------------
-
-MIN_TORCH = (2, 5)  # SDPA's enable_gqa (2.5) and F.rms_norm (2.4)
-
-
-def check_torch_version(version: str) -> None:
-    if tuple(int(v) for v in re.findall(r"\d+", version)[:2]) < MIN_TORCH:
-        minimum = ".".join(map(str, MIN_TORCH))
-        raise RunError(f"torch {version} is older than {minimum}, the oldest this script supports: "
-                       f"pip install 'torch>={minimum}'")
-
 
 def set_recompile_limit(config, limit: int) -> None:
     # Every scheduled depth and eval shape is its own graph. torch < 2.7 names the limit cache_size_limit.
@@ -1651,14 +1534,16 @@ class Run(NamedTuple):
     world_size: int
     distributed: bool
     train_files: list[Path]
-    token_ids_checked: Callable[[], None]  # waits for the training shards' token-id check
     val_tokens: Tensor
     luts: ByteLUTs
     base_model: GPT
     compiled: nn.Module
     model: nn.Module
-    estimate: int  # bytes, code included
     log: Logger
+    # >>> size_guard
+    estimate: int = 0  # bytes, code included
+    verdict: str = ""
+    # <<< size_guard
 
     @property
     def master(self) -> bool:
@@ -1674,7 +1559,9 @@ def setup_run() -> tuple[Run, dict | None]:
     work; also the checkpoint to resume from."""
     global zeropower_via_newtonschulz5, CPU_AUTOCAST
     code = Path(__file__).read_text(encoding="utf-8")
+    # >>> input_checks
     check_torch_version(torch.__version__)
+    # <<< input_checks
     args = Hyperparameters()
     distributed, rank, world_size, device = setup_distributed()
     args.validate(world_size, device.type)
@@ -1691,18 +1578,21 @@ def setup_run() -> tuple[Run, dict | None]:
     torch.manual_seed(args.seed)
 
     train_files, val_tokens, luts = load_inputs(args, device)
-    token_ids_checked = check_token_ids(train_files, args.vocab_size)  # waited for before training
     base_model = GPT(args).to(device)
+    # >>> size_guard
     estimate = estimate_artifact_bytes(base_model.state_dict(), args) + len(code.encode("utf-8"))
     verdict = size_verdict(estimate, args)  # refuses a run clearly over the cap, before any training
+    # <<< size_guard
 
     # Rank 0 alone reads the checkpoint and prepares the run's files; every rank gets the result.
     ckpt, keep_log_bytes = on_master(rank == 0, distributed, lambda: start_run(args, world_size, code))
     log = Logger(args.run_id, rank == 0, keep_log_bytes)
     if keep_log_bytes is None:  # a resumed run continuing its own log has it already
         log_header(log, code, args, device)
+    # >>> input_checks
     for warning in setting_warnings(os.environ):
         log(warning)
+    # <<< input_checks
     if device.type == "cuda" or CPU_AUTOCAST:
         # As in the baseline: a bf16 embedding makes the residual stream bf16, halving its memory.
         base_model.tok_emb.bfloat16()
@@ -1713,13 +1603,16 @@ def setup_run() -> tuple[Run, dict | None]:
         compiled = torch.compile(base_model, dynamic=False, fullgraph=True)
     model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False) if distributed else compiled
-    run = Run(args, code, device, rank, world_size, distributed, train_files, token_ids_checked, val_tokens, luts,
-              base_model, compiled, model, estimate, log)
-    log_config(run, verdict)
+    run = Run(args, code, device, rank, world_size, distributed, train_files, val_tokens, luts,
+              base_model, compiled, model, log)
+    # >>> size_guard
+    run = run._replace(estimate=estimate, verdict=verdict)
+    # <<< size_guard
+    log_config(run)
     return run, ckpt
 
 
-def log_config(run: Run, verdict: str) -> None:
+def log_config(run: Run) -> None:
     args, log = run.args, run.log
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
     log(f"train_loader:dataset:{Path(args.data_path).resolve().name} train_shards:{len(run.train_files)}")
@@ -1728,7 +1621,9 @@ def log_config(run: Run, verdict: str) -> None:
     # >>> seed_lora
     log_seed_lora(run.base_model, args, log)
     # <<< seed_lora
-    log(f"size_estimate {format_name(args)}: total:~{run.estimate} cap:{SIZE_CAP_BYTES} {verdict}")
+    # >>> size_guard
+    log(f"size_estimate {format_name(args)}: total:~{run.estimate} cap:{SIZE_CAP_BYTES} {run.verdict}")
+    # <<< size_guard
     log(f"world_size:{run.world_size} grad_accum_steps:{grad_accum_steps(run.world_size)}")
     log(f"device:{run.device.type} compile:{args.torch_compile} autocast_bf16:{run.device.type == 'cuda' or CPU_AUTOCAST}")
     log(f"attention_mode:gqa num_heads:{args.num_heads} num_kv_heads:{args.num_kv_heads} "
@@ -1767,12 +1662,17 @@ class Trainer:
         # <<< ema
 
     def warm_up(self) -> None:
-        """Compile every graph the run needs, wait for the token-id check, and start the loader and clock."""
+        """Compile every graph the run needs, then start the loader and clock."""
         run, args = self.run, self.args
+        # >>> input_checks
+        token_ids_checked = check_token_ids(run.train_files, args.vocab_size)  # read while the graphs compile
+        # <<< input_checks
         if args.warmup_steps > 0:
             prime_compile(run.model, run.compiled, run.base_model, self.optimizers, self.mode, args, run.world_size,
                           run.device, run.distributed, self.log)
-        run.token_ids_checked()
+        # >>> input_checks
+        token_ids_checked()  # a shard made for a larger vocab is refused before training
+        # <<< input_checks
         self.graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         self.mark_peak()
         # >>> ema
@@ -1972,7 +1872,11 @@ def export_and_score(trainer: Trainer) -> int:
     log(f"Total submission size {fmt}: {total} bytes")
     verdict = f"OVER the cap by {total - SIZE_CAP_BYTES} bytes" if total > SIZE_CAP_BYTES else \
         f"fits with {SIZE_CAP_BYTES - total} bytes to spare"
-    log(f"size_check: total:{total} cap:{SIZE_CAP_BYTES} estimate:{run.estimate} {verdict}")
+    check = f"size_check: total:{total} cap:{SIZE_CAP_BYTES}"
+    # >>> size_guard
+    check += f" estimate:{run.estimate}"
+    # <<< size_guard
+    log(f"{check} {verdict}")
     load_weights(run.base_model, load_artifact(artifact, blob), str(artifact))
 
     eval_ms: dict[str, float] = {}
@@ -2795,6 +2699,138 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> tuple
         old.unlink()
     return path, buf.getbuffer().nbytes
 # <<< checkpoints
+
+
+# >>> size_guard: the artifact's size estimated before training, and a run clearly over the cap refused
+# The estimate (code + weights, as trained to record length) is logged before training; a run
+# estimated over the cap by more than the estimate's error is refused (SIZE_CHECK=refuse) unless
+# SIZE_CHECK=warn. Either way the artifact is written and scored at the end.
+def size_guard_settings(h: Hyperparameters) -> None:
+    h.size_check = h._get("SIZE_CHECK", "refuse")
+    check_choice("SIZE_CHECK", h.size_check, ("refuse", "warn"))
+
+
+EXTENSION_SETTINGS.append(size_guard_settings)
+
+# The size estimate's calibration. Codes are costed as those of Gaussian rows of TRAINED_ROW_STD,
+# fitted so that the default configuration is estimated at PR #1088's int8+zlib artifact
+# (15,928,510 bytes; in sample). Out of sample, against the published int8+zlib artifacts this
+# script can express (twelve runs of the challenge's baseline, its plain point: 15.80-15.84 MB;
+# the FP16Embed_WD3600 record, EMBED_BITS=16: 15.85 MB), it is 3.2-5.3% low (bench/size_estimate.py).
+# Short runs compress better than record-length ones (their rows are smaller): the estimate is high
+# for them.
+TRAINED_ROW_STD = 0.228
+SIZE_ESTIMATE_ERROR = 0.06  # the largest error measured at record scale (5.3%), rounded up
+
+
+def estimate_artifact_bytes(state: dict[str, Tensor], args: Hyperparameters) -> int:
+    """What the compressed artifact of a model of this shape weighs once trained to record length:
+    float tensors at their stored size, codes at the compressed size of Gaussian codes."""
+    gaussian = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)) * TRAINED_ROW_STD
+    bits_per_code: dict[tuple[int, float], float] = {}
+    total = 4096.0  # torch.save's container and names
+    for name, t in state.items():
+        spec = export_spec(name, t, args)
+        if spec is None:
+            total += t.numel() * passthrough_dtype(name, t).itemsize
+            continue
+        if spec not in bits_per_code:
+            codes, _ = quantize_rows(gaussian, spec[0], row_clip(gaussian, spec[1]))
+            bits_per_code[spec] = 8 * len(compress(codes.to(torch.int8).numpy().tobytes(), args.compressor)) / gaussian.numel()
+        total += t.numel() * bits_per_code[spec] / 8 + 2 * t.numel() // t.size(-1)  # codes + fp16 steps
+    return int(total)
+
+
+def size_verdict(estimate: int, args: Hyperparameters) -> str:
+    """The size_estimate line's verdict; a RunError when the estimate is over the cap by more than
+    its error, unless SIZE_CHECK=warn."""
+    over, error = estimate / SIZE_CAP_BYTES - 1.0, f"{100 * SIZE_ESTIMATE_ERROR:.0f}%"
+    if over > SIZE_ESTIMATE_ERROR:
+        if args.size_check != "warn":
+            raise RunError(f"the artifact is estimated at ~{estimate} bytes with the code, {100 * over:.1f}% over the "
+                           f"{SIZE_CAP_BYTES}-byte cap, more than the estimate's {error} error: lower QUANT_BITS, "
+                           "EMBED_BITS or the model size, run a packed script (records/submission.py pack), or set "
+                           "SIZE_CHECK=warn to train anyway")
+        return f"WARNING: over the cap by more than the estimate's {error} error (SIZE_CHECK=warn)"
+    if over > 0:
+        return "WARNING: likely over the cap: run a packed script (records/submission.py pack) or shrink the export"
+    return f"WARNING: within the estimate's {error} error of the cap" if over > -SIZE_ESTIMATE_ERROR else "likely fits"
+# <<< size_guard
+
+
+# >>> input_checks: deeper checks of what others made: setting look-alikes, token ids, artifact schema, torch
+MIN_TORCH = (2, 5)  # SDPA's enable_gqa (2.5) and F.rms_norm (2.4)
+
+
+def check_torch_version(version: str) -> None:
+    if tuple(int(v) for v in re.findall(r"\d+", version)[:2]) < MIN_TORCH:
+        minimum = ".".join(map(str, MIN_TORCH))
+        raise RunError(f"torch {version} is older than {minimum}, the oldest this script supports: "
+                       f"pip install 'torch>={minimum}'")
+
+
+def setting_warnings(env: Mapping[str, str]) -> list[str]:
+    """A warning for each variable that looks like one of ours but is not: close to a known name (a
+    typo), or any name with a prefix that several of ours share (TTT_, DEQ_, EVAL_, ...)."""
+    known = known_settings()
+    prefixes = [p for p in {n.split("_")[0] for n in known} if sum(n.startswith(p + "_") for n in known) > 1]
+    warnings = []
+    for name in sorted(set(env) - known):
+        if difflib.get_close_matches(name, known, n=1, cutoff=0.8) or name.split("_")[0] in prefixes:
+            closest = difflib.get_close_matches(name, known, n=1, cutoff=0.0)[0]
+            warnings.append(f"WARNING: {name} is not a setting of this script and is ignored (closest: {closest})")
+    return warnings
+
+
+def check_shard_ids(file: Path, vocab_size: int) -> None:
+    tokens = np.memmap(file, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(shard_token_count(file),))
+    top = int(tokens.max(initial=0))
+    if top >= vocab_size:
+        raise RunError(f"{file} holds token id {top}, not below VOCAB_SIZE={vocab_size}: the shards and the "
+                       "tokenizer do not match")
+
+
+def check_token_ids(files: list[Path], vocab_size: int) -> Callable[[], None]:
+    """Start reading every shard's largest token id in background threads (while the model
+    compiles); the returned function waits for them and refuses a shard made for a larger vocab."""
+    pool = ThreadPoolExecutor(max_workers=4)
+    checks = [pool.submit(check_shard_ids, f, vocab_size) for f in files]
+    pool.shutdown(wait=False)
+
+    def wait() -> None:
+        for check in checks:
+            check.result()  # re-raises the shard's RunError
+    return wait
+
+
+def check_schema(obj: object) -> str | None:
+    """What is wrong with a loaded artifact object, or None when it is this script's format."""
+    keys = {"__quant_format__", "quantized", "steps", "bits", "dtypes", "passthrough"}
+    if not isinstance(obj, dict) or obj.get("__quant_format__") != QUANT_FORMAT:
+        return f"not a {QUANT_FORMAT} artifact"
+    if set(obj) != keys or not all(isinstance(obj[k], dict) for k in keys - {"__quant_format__"}):
+        return f"a {QUANT_FORMAT} artifact has exactly the entries {sorted(keys)}"
+    quantized = obj["quantized"]
+    if obj["steps"].keys() != quantized.keys() or obj["bits"].keys() != quantized.keys():
+        return "steps and bits must name exactly the quantized tensors"
+    for name, q in quantized.items():
+        bits, step = obj["bits"][name], obj["steps"][name]
+        if name not in obj["dtypes"]:
+            return f"{name}: a quantized tensor needs a dtype entry"
+        if not (isinstance(q, Tensor) and q.dtype == torch.int8 and q.ndim >= 1 and q.size(-1) > 0
+                and type(bits) is int and bits in CODE_BITS
+                and isinstance(step, Tensor) and step.dtype == torch.uint8 and step.shape == (2, q.numel() // q.size(-1))):
+            return f"{name}: codes, bits and steps do not fit together"
+        if q.numel() and (q.min() < -qmax(bits) or q.max() > qmax(bits)):
+            return f"{name}: codes exceed the int{bits} range [-{qmax(bits)}, {qmax(bits)}]"
+    for name, dtype in obj["dtypes"].items():
+        if dtype not in ("float32", "bfloat16", "float16") or name not in obj["quantized"] and name not in obj["passthrough"]:
+            return f"{name}: unexpected dtype entry {dtype!r}"
+    for name, t in obj["passthrough"].items():
+        if not isinstance(t, Tensor) or name in obj["dtypes"] and not (t.dtype == torch.uint8 and t.ndim >= 1 and t.size(0) in (2, 4)):
+            return f"{name}: a passthrough entry is a tensor, the byte planes of a float one"
+    return None
+# <<< input_checks
 
 
 if __name__ == "__main__":
