@@ -12,8 +12,9 @@ launches the file `records/submission.py pack` writes: a run counts the bytes of
 
 Sections, in the order data flows: hyperparameters, optimizer, data, model, quantization and
 export, evaluation, training; then the optional systems (U-Net skips, step warmdown, hash n-gram
-embeddings, Seed-LoRA, Mixture-of-Depths, DEQ, test-time training, GPTQ, EMA, checkpoints), each
-one marked block, plugged into the core by hook lines marked with its name.
+embeddings, Seed-LoRA, Mixture-of-Depths, DEQ, test-time training, GPTQ, EMA, checkpoints, the size
+guard, deeper input checks), each one marked block, plugged into the core by hook lines marked with
+its name.
 `records/submission.py strip train_gpt.py -o OUT --keep NAME ...` deletes the systems not named,
 blocks and hooks.
 """
@@ -2838,4 +2839,8 @@ if __name__ == "__main__":
         main()
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
+        if dist.is_available() and dist.is_initialized():
+            # A live gloo group's worker threads can abort the interpreter's teardown (SIGABRT, not
+            # status 1): pytorch/pytorch#179291.
+            dist.destroy_process_group()
         sys.exit(1)
