@@ -2696,7 +2696,7 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> tuple
     torch.save(state, buf)
     write_atomic(path, buf.getvalue())
     older = [p for p in checkpoint_files(directory) if p != path]
-    for old in older[: len(older) - (keep - 1)]:
+    for old in older[: max(len(older) - (keep - 1), 0)]:  # fewer than keep - 1 older: delete none
         old.unlink()
     return path, buf.getbuffer().nbytes
 # <<< checkpoints

@@ -356,6 +356,17 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     assert train_gpt.resolve_resume(args) == Path("checkpoints/run/step8.pt")
 
 
+@pytest.mark.parametrize("keep", [1, 2, 3, 5, 9])
+def test_checkpoint_keep_keeps_the_newest_keep_and_never_more_than_written(tmp_path, keep):
+    # CHECKPOINT_EVERY=5 ITERATIONS=20: four checkpoints written, the newest `keep` of them kept.
+    directory = tmp_path / "checkpoints" / "run"
+    written = []
+    for step in (5, 10, 15, 20):
+        train_gpt.save_checkpoint(directory, step, {"w": torch.full((1,), float(step))}, keep=keep)
+        written.append(f"step{step}.pt")
+        assert sorted(p.name for p in directory.glob("step*.pt")) == sorted(written[-keep:])
+
+
 def test_byte_planes_roundtrip_and_compress_better():
     g = torch.Generator().manual_seed(0)
     for t in (torch.randn(64, 48, generator=g).half() * 0.02, torch.randn(3, 5, generator=g), torch.tensor(2.5)):
