@@ -332,7 +332,9 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 10, eps: float = 1e-7) -
 
 
 class Muon(torch.optim.Optimizer):
-    # Each rank orthogonalizes every world_size-th matrix; one all-reduce shares the updates.
+    # Each rank orthogonalizes every world_size-th matrix; one all-reduce shares the updates. Every
+    # rank keeps every matrix's momentum: the gradients are all-reduced, so the buffers are the same
+    # on all ranks, and rank 0's state (what a checkpoint saves) resumes each of them.
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
 
@@ -346,14 +348,17 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+            with_grad = [p for p in params if p.grad is not None]
+            for p in with_grad:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            bufs = [self.state[p]["momentum_buffer"] for p in with_grad]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, [p.grad for p in with_grad])
             offset = 0
             for i, p in enumerate(params):
                 if i % world_size == rank and p.grad is not None:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(p.grad)
+                    buf = self.state[p]["momentum_buffer"]
                     g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                     g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
                     g *= max(1, g.size(0) / g.size(1)) ** 0.5  # scale correction from the Muon reference
@@ -1386,9 +1391,9 @@ def move_aside(path: Path) -> None:
 
 
 def start_run(args: Hyperparameters, world_size: int, code: str) -> tuple[dict | None, int | None]:
-    """Rank 0, before the run writes anything: the checkpoint to resume from (None: a new run) and
-    the length its log is cut back to, to continue it (None: a new log). An earlier run's log and
-    artifacts of this RUN_ID are moved aside, so no file of another run looks like this one's."""
+    """Rank 0, before the run writes anything: the checkpoint to resume from (its header; None: a
+    new run) and the length its log is cut back to, to continue it (None: a new log). An earlier
+    run's log and artifacts of this RUN_ID are moved aside, so no file of another run looks like this one's."""
     ckpt, log = None, Path("logs", f"{args.run_id}.txt")
     # >>> checkpoints
     ckpt = resume_checkpoint(args, world_size, code)
@@ -1921,9 +1926,10 @@ def main() -> None:
     trainer.warm_up()
     # >>> checkpoints
     if ckpt is not None:
-        trainer.load_state_dict(ckpt)
-        run.log(f"resumed_from:{ckpt['path']} step:{trainer.step} train_time:{trainer.clock.elapsed_ms:.0f}ms")
-        del ckpt
+        state, read = read_checkpoint(ckpt, run)
+        trainer.load_state_dict(state)
+        del state
+        run.log(f"resumed_from:{ckpt['path']} step:{trainer.step} train_time:{trainer.clock.elapsed_ms:.0f}ms read:{read}")
     # <<< checkpoints
     trainer.loop()
     log_training_summary(trainer)
@@ -2649,9 +2655,10 @@ def resolve_resume(args: Hyperparameters) -> Path | None:
 
 
 def load_checkpoint(path: Path, args: Hyperparameters, world_size: int, code: str) -> dict:
-    """A checkpoint of this script and configuration, or one RunError naming what differs."""
+    """A checkpoint of this script and configuration, or one RunError naming what differs. Its
+    tensors are mapped, not read, until used."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise RunError(f"RESUME_FROM={path} is not a loadable checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -2669,11 +2676,16 @@ def load_checkpoint(path: Path, args: Hyperparameters, world_size: int, code: st
 
 
 def resume_checkpoint(args: Hyperparameters, world_size: int, code: str) -> dict | None:
-    """Rank 0, before the run writes anything: the checkpoint to resume from, if any. Refuses
-    checkpoints this run would mix with (RESUME_FROM=latest and pruning would confuse them), and
-    removes a checkpoint write a crash interrupted."""
+    """Rank 0, before the run writes anything: the header of the checkpoint to resume from, if any
+    (its path, step, run, log length and sha256; read_checkpoint gives every rank its state).
+    Refuses checkpoints this run would mix with (RESUME_FROM=latest and pruning would confuse them),
+    and removes a checkpoint write a crash interrupted."""
     path = resolve_resume(args)
-    ckpt = load_checkpoint(path, args, world_size, code) | {"path": str(path)} if path else None
+    if path:
+        ckpt = load_checkpoint(path, args, world_size, code)
+        ckpt = {k: ckpt[k] for k in ("step", "run_id", "log_bytes")} | {"path": str(path), "sha256": file_sha256(path)}
+    else:
+        ckpt = None
     directory = Path("checkpoints", args.run_id)
     own = ckpt is not None and path.parent.resolve() == directory.resolve()
     found = [p.name for p in checkpoint_files(directory) if not own or checkpoint_step(p) > ckpt["step"]]
@@ -2684,6 +2696,70 @@ def resume_checkpoint(args: Hyperparameters, world_size: int, code: str) -> dict
     for cut_short in directory.glob(".step*.pt.tmp*"):
         cut_short.unlink()
     return ckpt
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_map(fn: Callable, tree: object) -> object:
+    """`fn` applied to every leaf of nested dicts, lists and tuples, in order."""
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    return fn(tree)
+
+
+class TensorSlot:
+    """Where broadcast_tree's outline holds a tensor."""
+    def __init__(self, t: Tensor):
+        self.shape, self.dtype = tuple(t.shape), t.dtype
+
+
+def broadcast_tree(tree: object, master: bool, device: torch.device) -> object:
+    """Rank 0's `tree` (nested dicts, lists and tuples of tensors and plain values) on every rank,
+    on the CPU: its outline as one small pickle, then its tensors one by one, never the whole as one
+    pickled object."""
+    tensors: list[Tensor] = []
+
+    def hollow(x: object) -> object:
+        if not isinstance(x, Tensor):
+            return x
+        tensors.append(x)
+        return TensorSlot(x)
+
+    box = [tree_map(hollow, tree) if master else None]
+    dist.broadcast_object_list(box, src=0)
+    sent = iter(tensors)
+
+    def fill(x: object) -> object:
+        if not isinstance(x, TensorSlot):
+            return x
+        t = next(sent).to(device).contiguous() if master else torch.empty(x.shape, dtype=x.dtype, device=device)
+        dist.broadcast(t, src=0)
+        return t.cpu()
+    return tree_map(fill, box[0])
+
+
+def read_checkpoint(header: dict, run: Run) -> tuple[dict, str]:
+    """Every rank's copy of the checkpoint rank 0 chose and checked, and how it came: "file" where
+    every rank reads the same bytes at its path (one machine, or a shared disk), else "broadcast"
+    from rank 0, tensor by tensor (nodes without a shared disk)."""
+    path = Path(header["path"])
+    local = run.master or (path.is_file() and file_sha256(path) == header["sha256"])
+    if run.distributed:
+        everywhere = torch.tensor(float(local), device=run.device)
+        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+        local = bool(everywhere.item())
+    if local:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), "file"
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if run.master else None
+    return broadcast_tree(state, run.master, run.device), "broadcast"
 
 
 def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> tuple[Path, int]:

@@ -6,6 +6,7 @@ import copy
 import io
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -314,15 +315,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_nodes(tmp_path: Path, env: dict, rank0_patch: str = "") -> list[subprocess.CompletedProcess]:
-    """Two ranks as two single-process "nodes", each in its own folder (no shared disk but the data)."""
+def launch_nodes(tmp_path: Path, env: dict, rank0_patch: str = "", patch: str = "",
+                 folders: tuple[str, str] = ("node0", "node1")) -> list[subprocess.CompletedProcess]:
+    """Two ranks as two single-process "nodes", each in its own folder (no shared disk but the data),
+    or both in one (`folders` naming the same one: a shared disk). `patch` runs on both ranks."""
     base = child_env({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                       "WORLD_SIZE": "2", "LOCAL_RANK": "0", **env})
     procs = []
     for rank in (0, 1):
-        folder = tmp_path / f"node{rank}"
+        folder = tmp_path / folders[rank]
         folder.mkdir(exist_ok=True)
-        code = SHIM.format(repo=str(REPO), patch=rank0_patch if rank == 0 else "")
+        code = SHIM.format(repo=str(REPO), patch=patch + "\n" + (rank0_patch if rank == 0 else ""))
         procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=folder, text=True, env={**base, "RANK": str(rank)},
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     results = []
@@ -349,5 +352,35 @@ def test_two_nodes_without_a_shared_disk_train_export_and_resume(tmp_path, datas
     second = launch_nodes(tmp_path, {**env, "RESUME_FROM": "latest"}, patch)
     assert [r.returncode for r in second] == [1, 1], (second[0].stderr[-1500:], second[1].stderr[-1500:])
     assert "resumed_from:checkpoints/nodes/step4.pt step:4" in second[0].stdout
+    assert re.search(r"^resumed_from:\S+ step:4 train_time:\d+ms read:broadcast$", second[0].stdout, re.M)
     assert second[1].stderr.strip().splitlines()[-1] == "error: rank 0 failed: OSError: [Errno 28] No space left on device"
     assert list(node1.iterdir()) == []
+
+
+def test_two_ranks_killed_after_a_checkpoint_resume_bitwise_as_the_uninterrupted_run(tmp_path, dataset):
+    """Every rank's optimizer state survives: Muon orthogonalizes each matrix on one rank only, and
+    a resumed rank that had lost its momentum would take other steps. The checkpoint reaches rank 1
+    from its file on a shared disk and, without one, by broadcast; both end where the straight run
+    does, bitwise, across the depth change at step 4."""
+    env = {**dataset, **TINY, "ITERATIONS": "8", "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "0", "MAX_WALLCLOCK_SECONDS": "0",
+           "RUN_ID": "r"}
+    straight = launch_nodes(tmp_path, env, folders=("straight", "straight"))
+    assert [r.returncode for r in straight] == [0, 0], straight[0].stderr[-1500:] + straight[1].stderr[-1500:]
+    dying = ("import os, signal\n"
+             "step = train_gpt.Trainer.train_one_step\n"
+             "def dying(self):\n"
+             "    if self.step == 6:  # both ranks, two steps after the step-4 checkpoint\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    return step(self)\n"
+             "train_gpt.Trainer.train_one_step = dying")
+    crashed = launch_nodes(tmp_path, {**env, "CHECKPOINT_EVERY": "4"}, patch=dying)
+    assert [r.returncode for r in crashed] == [-9, -9], crashed[0].stderr[-1500:]
+    shutil.copytree(tmp_path / "node0", tmp_path / "shared")
+    expected = torch.load(tmp_path / "straight" / "artifacts" / "r" / "final_model.pt", weights_only=True)
+    for folders, read in ((("node0", "node1"), "broadcast"), (("shared", "shared"), "file")):
+        resumed = launch_nodes(tmp_path, {**env, "CHECKPOINT_EVERY": "4", "RESUME_FROM": "latest"}, folders=folders)
+        assert [r.returncode for r in resumed] == [0, 0], resumed[0].stderr[-1500:] + resumed[1].stderr[-1500:]
+        assert re.search(rf"^resumed_from:checkpoints/r/step4.pt step:4 train_time:\d+ms read:{read}$", resumed[0].stdout, re.M)
+        got = torch.load(tmp_path / folders[0] / "artifacts" / "r" / "final_model.pt", weights_only=True)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got), [k for k in got if not torch.equal(got[k], expected[k])]

@@ -150,7 +150,7 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(tmp_path, dataset
     resumed = run_script(crashed, {**env, "CHECKPOINT_EVERY": "2", "RESUME_FROM": "latest"})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     out = resumed.stdout
-    assert re.search(r"^resumed_from:checkpoints/r/step4.pt step:4 train_time:\d+ms$", out, re.M)
+    assert re.search(r"^resumed_from:checkpoints/r/step4.pt step:4 train_time:\d+ms read:file$", out, re.M)
     assert "lr_schedule:steps warmdown:3->10 min_lr_frac:0.1" in out
     a, b = (final_weights(d / "artifacts" / "r" / "final_model.pt") for d in (straight, crashed))
     assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
