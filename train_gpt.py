@@ -372,6 +372,41 @@ class Muon(torch.optim.Optimizer):
                 offset += p.numel()
 
 
+class RowAdam(torch.optim.Optimizer):
+    # Adam for the small parameters (the per-layer controls, gains, skip weights) in which each row
+    # counts its own steps. A row of a layer the current plan does not run has a zero gradient; as
+    # PR #1088's separate per-depth parameters, which then have no gradient at all, it keeps no
+    # state: no step counted, no moment decayed, no update. So a row first used at depth 6 after
+    # 2,000 steps at depth 2 takes fresh Adam's first step (|update| = lr), not 0.45 lr.
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self.used: dict[Tensor, Tensor] = {}  # a parameter's rows the plan runs, [rows] bools; absent: all
+
+    def set_used(self, used: Mapping[Tensor, Tensor]) -> None:
+        self.used = {p: rows.to(p.device, p.dtype).view(-1, *[1] * (p.dim() - 1)) for p, rows in used.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                used = self.used.get(p, torch.ones((), device=p.device))
+                state = self.state[p]
+                if not state:
+                    state.update(row_steps=torch.zeros_like(used), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                steps, m, v = state["row_steps"], state["exp_avg"], state["exp_avg_sq"]
+                steps.add_(used)
+                g = p.grad * used
+                m.lerp_(g, (1 - beta1) * used)
+                v.mul_(1 - (1 - beta2) * used).addcmul_(g, g, value=1 - beta2)
+                t = steps.clamp_min(1.0).double()  # a row never used has m = 0: no update whatever t is
+                step_size = (lr / (1 - beta1 ** t)).float() * used
+                denom = (v.sqrt() / (1 - beta2 ** t).sqrt().float()).add_(eps)
+                p.sub_(step_size * m / denom)
+
+
 # -----------------------------
 # DATA
 # -----------------------------
@@ -839,6 +874,19 @@ class GPT(nn.Module):
                 continue
             raise RunError(f"{describe_plan(depth, plan)}: layer {i} needs {problem}, which the model does not have")
 
+    def used_rows(self, depth: int) -> dict[Tensor, Tensor]:
+        """The rows that the plan at `depth` uses of each parameter indexed by its layers, as [rows]
+        bools: the controls' rows (RowAdam keeps the others' state as it is)."""
+        plan, rows = layer_plan(self.args, depth), torch.zeros(self.controls.rows, dtype=torch.bool)
+        rows[[layer.row for layer in plan]] = True
+        used = {p: rows for p in self.controls.parameters()}
+        # >>> unet
+        if self.skip_weights is not None:
+            used[self.skip_weights] = torch.zeros(len(self.skip_weights), dtype=torch.bool)
+            used[self.skip_weights][[layer.pop for layer in plan if layer.pop >= 0]] = True
+        # <<< unet
+        return used
+
     def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int, mode: Mode = Mode()) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-position next-token loss in nats, shape [batch, seq], through the layer plan at `depth`,
         and what its layers report: a Mixture-of-Depths router loss per position to add to training's
@@ -1249,16 +1297,18 @@ def setup_distributed() -> tuple[bool, int, int, torch.device]:
 
 
 def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
-    # Muon for the matrices; Adam for embeddings, head, gains, per-layer controls and skip weights.
+    # Muon for the matrices; Adam for embeddings and head; RowAdam for gains, per-layer controls and
+    # skip weights.
     roles = param_roles(model)
-    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=next(model.parameters()).is_cuda)
+    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps)
     token_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
-    groups = [(roles["embedding"], token_lr), (roles["control"] + roles["norm_bias"], args.scalar_lr)]
-    if roles["head"]:
-        groups.append((roles["head"], args.head_lr))
+    groups = [(roles["embedding"], token_lr)] + ([(roles["head"], args.head_lr)] if roles["head"] else [])
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], **adam) for params, lr in groups
+        torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], **adam, fused=next(model.parameters()).is_cuda)
+        for params, lr in groups
     ]
+    optimizers.append(RowAdam([{"params": roles["control"] + roles["norm_bias"], "base_lr": args.scalar_lr}],
+                              lr=args.scalar_lr, **adam))
     muon = Muon(roles["matrix"], lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps)
     muon.param_groups[0]["base_lr"] = args.matrix_lr
     return [muon] + optimizers
@@ -1655,6 +1705,7 @@ class Trainer:
     def __init__(self, run: Run):
         self.run, self.args, self.log = run, run.args, run.log
         self.optimizers = build_optimizers(run.base_model, run.args)
+        self.row_adam = next(opt for opt in self.optimizers if isinstance(opt, RowAdam))
         self.qat_gate = torch.zeros((), device=run.device)  # a tensor, so turning QAT on never recompiles
         self.mode = training_mode(run.args, self.qat_gate)
         self.accum = grad_accum_steps(run.world_size)
@@ -1716,6 +1767,7 @@ class Trainer:
         self.log_phase_end()
         self.clock.begin_phase(self.step, self.args.pass_cost(depth) / self.args.pass_cost(self.depth))
         self.depth, self.next_sync = depth, self.step + 1
+        self.row_adam.set_used(self.run.base_model.used_rows(depth))
         self.log(f"layer_schedule_advance:step:{self.step} active_num_layers:{depth}")
         self.log(describe_plan(depth, layer_plan(self.args, depth)))
         # >>> deq
@@ -1730,6 +1782,7 @@ class Trainer:
         log(clock.describe())
         log(f"layer_schedule_advance:step:{self.step} active_num_layers:{self.depth}")
         log(describe_plan(self.depth, layer_plan(args, self.depth)))
+        self.row_adam.set_used(self.run.base_model.used_rows(self.depth))
         clock.resume()
         while True:
             last_step = self.step == args.iterations or self.stop
@@ -2157,7 +2210,8 @@ def routed_pass(model: GPT, block: Block, x: Tensor, x0: Tensor, c: DepthControl
     """One Mixture-of-Depths pass: the chosen tokens get weight * (block update); the rest pass
     unchanged. Returns the new stream and, in training, the router's per-position BCE toward the
     top-k choice."""
-    logits = x.float() @ router.float()  # [batch, seq]
+    with torch.autocast(x.device.type, enabled=False):  # autocast would run the matmul in bf16
+        logits = x.float() @ router.float()  # [batch, seq], fp32: sigmoid(logits) > 0.5 is a decision
     weight = torch.sigmoid(logits)
     seq = x.size(1)
     if mode.training:  # the k best of each sequence

@@ -177,3 +177,22 @@ def test_mod_causal_rule_equals_processing_only_the_chosen_tokens():
             ref = x[b].clone()
             ref[idx] = (xs + weight[b, idx][None, :, None] * update)[0]
             assert torch.allclose(out[b], ref, rtol=1e-5, atol=1e-4), b
+
+
+def test_routing_decisions_are_fp32_under_bf16_autocast():
+    """Under CUDA's bf16 autocast (AUTOCAST=bf16 forces it on a CPU) the router's logits stay fp32:
+    with logits near the 0.5 boundary, bf16 rounding of x @ router would flip decisions."""
+    model = tiny_model(randomize=True, MOD_CAPACITY="0.5", MOD_EVERY="1", NUM_LAYER_SCHEDULE="0:1")
+    model.eval()
+    torch.manual_seed(2)
+    router = torch.randn(32)
+    x = torch.randn(3, 32, 32)
+    x -= 0.999 * (x @ router)[..., None] * router / router.square().sum()  # logits at 1/1000 of their size
+    x0 = torch.randn(3, 32, 32)
+    rope = train_gpt.rotary_tables(32, 8, 10000.0, x.device)
+    chosen = torch.sigmoid(x @ router) > 0.5  # fp32, no autocast
+    assert 0 < chosen.sum() < chosen.numel()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x @ router).dtype == torch.bfloat16  # what autocast does to a plain matmul
+        out, _ = train_gpt.routed_pass(model, model.block, x, x0, model.controls.at(0), router, rope, train_gpt.Mode(), None)
+    assert torch.equal((out != x).any(dim=-1), chosen)

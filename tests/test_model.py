@@ -180,6 +180,36 @@ def test_muon_orthogonalizes_updates():
     assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 4
 
 
+def test_row_adam_is_adam_per_row_and_a_row_without_gradient_keeps_no_state():
+    """RowAdam on one [3, 4] tensor whose rows the plan uses in turn equals torch's Adam on three
+    separate rows, each stepped only while used (PR #1088's per-depth parameters: a parameter
+    without a gradient is skipped). A row first used at step 6 then takes fresh Adam's first step,
+    lr in every coordinate, not the 0.45 lr of a state whose step count ran on."""
+    torch.manual_seed(0)
+    lr, betas, eps = 0.04, (0.9, 0.95), 1e-8
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    opt = train_gpt.RowAdam([p], lr=lr, betas=betas, eps=eps)
+    rows = [torch.nn.Parameter(p[r].detach().clone()) for r in range(3)]
+    seeds = [torch.optim.Adam([q], lr=lr, betas=betas, eps=eps) for q in rows]
+    phases = [[0]] * 5 + [[0, 1, 2]] * 4 + [[2]] * 3  # depth 1, then 3, then the third row alone
+    for step, used in enumerate(phases):
+        mask = torch.zeros(3, dtype=torch.bool)
+        mask[used] = True
+        g = torch.randn(3, 4) * mask[:, None]  # an unused row's gradient is zero, as indexing gives it
+        before = p.detach().clone()
+        p.grad = g
+        opt.set_used({p: mask})
+        opt.step()
+        for r in used:
+            rows[r].grad = g[r].clone()
+            seeds[r].step()
+        for r in range(3):
+            assert torch.allclose(p[r], rows[r], rtol=0, atol=1e-6), (step, r)
+        if step == 5:  # rows 1 and 2 are used for the first time
+            assert torch.allclose((p - before)[1:].abs(), torch.full((2, 4), lr), rtol=1e-4)
+    assert torch.equal(opt.state[p]["row_steps"].flatten(), torch.tensor([9.0, 4.0, 7.0]))
+
+
 def test_unet_skip_is_the_encoder_output_added_in_reverse():
     model = tiny_model(randomize=True, UNET_SKIPS="1", NUM_LAYER_SCHEDULE="0:4")
     plain = tiny_model(randomize=True, NUM_LAYER_SCHEDULE="0:4")

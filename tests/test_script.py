@@ -165,6 +165,28 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(tmp_path, dataset
     assert log.count("class Hyperparameters") == 1 and len(re.findall("^resumed_from:", log, re.M)) == 1
 
 
+def test_rows_first_used_after_a_depth_change_take_fresh_adams_first_step(tmp_path, dataset):
+    """PR #1088's rule at the switch: the control rows depth 3 adds were never used at depth 1, so
+    they keep their init and no Adam state until then, and their first update is lr in every
+    coordinate (lr * g / |g|), as a fresh parameter's; a step count that ran on gave 0.45 lr."""
+    env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "ITERATIONS": "5", "NUM_LAYER_SCHEDULE": "0:1,4:3",
+           "VAL_LOSS_EVERY": "0", "WARMDOWN_ITERS": "0", "CHECKPOINT_EVERY": "1", "RUN_ID": "rows"}
+    result = run_script(tmp_path, env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import torch
+    before, after = (torch.load(tmp_path / "checkpoints" / "rows" / f"step{s}.pt", weights_only=True)["model"] for s in (4, 5))
+    lr = float(TINY.get("SCALAR_LR", 0.04))
+    for name in ("resid_mix", "attn_scale", "mlp_scale", "attn_norm_bias", "mlp_norm_bias"):
+        fresh = before[f"controls.{name}"][1:]
+        init = torch.ones_like(fresh) if "scale" in name else torch.zeros_like(fresh)
+        if name == "resid_mix":
+            init[:, 0] = 1.0
+        assert torch.equal(fresh, init), name  # untouched by the four steps at depth 1
+        step = (after[f"controls.{name}"][1:] - fresh).abs()
+        # lr * g / (|g| + ADAM_EPS): lr where |g| >> 1e-8, a little less for the smallest gradients
+        assert step.max() <= lr * (1 + 1e-5) and step.median() == pytest.approx(lr, rel=1e-3), (name, step.flatten()[:8])
+
+
 def torch_equal(x, y) -> bool:
     import torch
     return torch.equal(x, y)
