@@ -12,9 +12,12 @@ Each log is one run of train_gpt.py (logs/<RUN_ID>.txt, one per seed). The logs 
 same code and the same configuration apart from SEED and RUN_ID; anything else is refused. `make`
 writes records/<track>/<YYYY-MM-DD>_<Name>/ with that train_gpt.py, train_seed<SEED>.log files,
 submission.json, a README with the per-seed table and, when matplotlib is installed, the loss
-curves. `--beat` takes the previous record's val_loss in nats: the challenge asks for a mean at
-least 0.005 nats lower at p < 0.01, tested here one-sided with the seeds as the sample. Nothing
-read from a log is executed: the launch command's defaults come from the embedded source as text.
+curves; the folder and its files get the modes a plain mkdir and open would give. `--beat` takes
+the previous record's val_loss in nats: the challenge asks for a mean at least 0.005 nats lower at
+p < 0.01, tested here one-sided with the seeds as the sample. Nothing read from a log is executed:
+the launch command's defaults come from the embedded source as text. The command names the data
+and tokenizer where the challenge keeps them, ./data/datasets/<name> and ./data/tokenizers/<name>,
+not at this machine's paths that the log holds, and leaves them out where that is the default.
 
 `pack` writes a self-extracting, compressed train_gpt.py. `strip` writes a readable one with only
 the core and the optional systems named by --keep (`pack --keep` strips first, then packs). Each
@@ -39,7 +42,7 @@ import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 SEPARATOR = "=" * 100
 MARGIN_NATS = 0.005
@@ -49,6 +52,7 @@ UNPACKED_LIMIT = 16_000_000  # bytes of readable source a packed script may hold
 FLOAT = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 OPENING = re.compile(r"# >>> ([a-z][a-z0-9_]*)(?:: .+)?")  # an optional system's block: its first line
 CLOSING = re.compile(r"# <<< ([a-z][a-z0-9_]*)")  # and its last
+DATA_DIRS = {"data_path": "./data/datasets", "tokenizer_path": "./data/tokenizers"}  # the challenge's, from a record
 
 
 class SubmissionError(Exception):
@@ -326,11 +330,19 @@ def script_defaults(source: str, path: Path) -> dict[str, str]:
     return {k: str(v) for k, v in known.items()}
 
 
+def standard_path(key: str, value: str) -> str:
+    """Where the challenge keeps a logged data or tokenizer path: a log holds this machine's absolute one."""
+    return f"{DATA_DIRS[key]}/{PurePosixPath(value).name}" if key in DATA_DIRS else value
+
+
 def launch_command(source: str, runs: list[Run]) -> str:
-    """torchrun command with the settings that differ from the script's defaults, quoted for a shell."""
+    """torchrun command with the settings that differ from the script's defaults, quoted for a shell; the
+    data and tokenizer at the challenge's paths, compared with the defaults as paths ("./x/" is "x")."""
     defaults = script_defaults(source, runs[0].path)
-    changed = [f"{k.upper()}={shlex.quote(env_value(v))}" for k, v in sorted(runs[0].config.items())
-               if k not in IGNORED_KEYS and defaults.get(k) != v]
+    config = {k: standard_path(k, v) for k, v in runs[0].config.items() if k not in IGNORED_KEYS}
+    spelled = lambda k, v: os.path.normpath(v) if k in DATA_DIRS and v is not None else v
+    changed = [f"{k.upper()}={shlex.quote(env_value(v))}" for k, v in sorted(config.items())
+               if spelled(k, defaults.get(k)) != spelled(k, v)]
     return " ".join(["SEED=<seed>", *changed, "torchrun --standalone --nproc_per_node=8 train_gpt.py"])
 
 
@@ -502,6 +514,14 @@ def write_atomic(out: Path, text: str, source: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def umask() -> int:
+    """The process umask. Reading it means setting it, so it is set back at once (to 077 meanwhile:
+    a file another thread makes in that instant is private, not world-writable)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def make(args: argparse.Namespace) -> Path:
     runs = load_runs(args.logs)
     check_compliance(runs, args.track)
@@ -539,6 +559,7 @@ def make(args: argparse.Namespace) -> Path:
                 "date": date, "track": args.track, **stats}
         (tmp / "submission.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(readme(args.name, args.blurb, runs, stats, command, has_plot), encoding="utf-8")
+        tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700; a record folder has a plain mkdir's mode
         tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,10 +7,13 @@ import importlib.util
 import json
 import lzma
 import math
+import os
 import re
 import shlex
+import stat
 import statistics
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -359,7 +362,7 @@ def test_lines_after_the_settings_are_not_settings(tmp_path, logs):
 
 
 def test_the_launch_command_quotes_logged_values_for_a_shell(tmp_path, logs):
-    value = "/data $(touch pwned); echo 'x'"
+    value = "/data/sp $(touch pwned); echo 'x'"
     log = tmp_path / "seed7.txt"
     log.write_text(re.sub(r"^data_path:.*$", f"data_path:{value}", logs[0].read_text(), count=1, flags=re.M))
     folder = submission.make(argparse.Namespace(
@@ -368,7 +371,50 @@ def test_the_launch_command_quotes_logged_values_for_a_shell(tmp_path, logs):
     words = shlex.split(reproduce_command(folder))
     assert words[-4:] == ["torchrun", "--standalone", "--nproc_per_node=8", "train_gpt.py"]
     assert all(re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w, re.S) for w in words[:-4])
-    assert f"DATA_PATH={value}" in words and "MODEL_DIM=32" in words
+    assert "DATA_PATH=./data/datasets/sp $(touch pwned); echo 'x'" in words and "MODEL_DIM=32" in words
+
+
+def test_the_folder_and_its_files_have_the_modes_of_a_plain_mkdir_and_open(tmp_path, logs):
+    # mkdtemp makes its folder 0700; a submission folder should read like the challenge's records.
+    for mask in (0o022, 0o027):
+        previous = os.umask(mask)
+        try:
+            folder = submission.make(argparse.Namespace(
+                logs=[str(p) for p in logs], name=f"Mode {mask:o}", author="A", github_id="a", blurb="",
+                track="track_10min_16mb", date="2026-11-25", root=str(tmp_path), beat=None))
+            assert os.umask(mask) == mask  # make left the umask as it found it
+        finally:
+            os.umask(previous)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+        files = list(folder.iterdir())
+        assert len(files) >= 5 and all(p.is_file() and stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in files)
+
+
+def test_the_launch_command_names_the_challenges_data_paths_not_this_machines(logs):
+    # The logs hold this machine's absolute paths (tmp_path's local_sp512 and local_512_bpe.model).
+    runs = submission.load_runs([str(p) for p in logs])
+    assert runs[0].config["data_path"].startswith("/")
+    words = shlex.split(submission.launch_command(runs[0].code, runs))
+    assert "DATA_PATH=./data/datasets/local_sp512" in words
+    assert "TOKENIZER_PATH=./data/tokenizers/local_512_bpe.model" in words
+    logged = runs[0].config["data_path"], runs[0].config["tokenizer_path"]
+    assert not [w for w in words if "=/" in w or any(path in w for path in logged)]
+
+
+def test_data_paths_at_the_scripts_defaults_are_left_out():
+    # The challenge's layout with the default names: nothing to name, however the default is spelled.
+    run = SimpleNamespace(path=REPO / "train_gpt.py", config={
+        "seed": "1", "run_id": "r", "data_path": "/home/me/pg/data/datasets/fineweb10B_sp1024",
+        "tokenizer_path": "/mnt/tok/fineweb_1024_bpe.model"})
+    assert submission.launch_command((REPO / "train_gpt.py").read_text(), [run]) == \
+        "SEED=<seed> torchrun --standalone --nproc_per_node=8 train_gpt.py"
+    source = ("class Hyperparameters:\n    def __init__(self, env):\n"
+              "        self.data_path = self._get('DATA_PATH', 'data/datasets/fineweb10B_sp1024/')\n"
+              "        self.tokenizer_path = self._get('TOKENIZER_PATH', './data/tokenizers/fineweb_1024_bpe.model')\n")
+    assert submission.launch_command(source, [run]).startswith("SEED=<seed> torchrun ")
+    run.config["tokenizer_path"] = "/mnt/tok/fineweb_8192_bpe.model"
+    assert submission.launch_command(source, [run]) == ("SEED=<seed> TOKENIZER_PATH=./data/tokenizers/fineweb_8192_bpe.model "
+                                                         "torchrun --standalone --nproc_per_node=8 train_gpt.py")
 
 
 def test_plot_skips_loss_values_that_are_not_numbers(tmp_path, logs):
