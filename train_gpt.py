@@ -1200,21 +1200,17 @@ def window_batch(tokens: Tensor, rows: Tensor, seq_len: int) -> tuple[Tensor, Te
     return tokens[pos], tokens[pos + 1], mask, pos
 
 
-def padded_rows(n: int, batch: int) -> int:
-    # Batches keep one shape for the compiled graph: `batch` rows, or for fewer windows in all the
-    # next power of two (a handful of shapes in all).
-    return batch if n >= batch else 1 << (n - 1).bit_length()
-
-
 def window_forwards(model: nn.Module, tokens: Tensor, windows: np.ndarray, depth: int, seq_len: int, batch: int,
                     adapters: nn.Module | None):
     """For each batch of `windows` (rows start, lo, hi, lane): rows, inputs, targets, mask, positions,
-    the per-position nats (zero outside the scored positions) and the layers' reports. `adapters`
-    (TTT's LoRA) gives each lane's adapters: adapters.select(lanes)."""
-    rows_per_batch = padded_rows(len(windows), batch)
-    for i in range(0, len(windows), rows_per_batch):
-        rows = torch.from_numpy(windows[i : i + rows_per_batch]).to(tokens.device)
-        rows = F.pad(rows, (0, 0, 0, rows_per_batch - rows.size(0)))  # padding rows score nothing
+    the per-position nats (zero outside the scored positions) and the layers' reports. Every batch
+    has `batch` rows, the last one padded with rows that score nothing: one shape, one compiled
+    graph (compiled before the clock starts). `adapters` (TTT's LoRA) gives each lane's adapters:
+    adapters.select(lanes)."""
+    if not len(windows):
+        return
+    table = torch.from_numpy(windows).to(tokens.device)  # uploaded once: a copy per batch would sync
+    for rows in F.pad(table, (0, 0, 0, -len(windows) % batch)).split(batch):
         x, y, mask, pos = window_batch(tokens, rows, seq_len)
         with autocast(tokens.device):
             nats, reports = model(x, y, depth, Mode(adapters=None if adapters is None else adapters.select(rows[:, 3])))
@@ -1541,10 +1537,10 @@ def training_mode(args: Hyperparameters, qat_gate: Tensor) -> Mode:
 
 def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimizers: list, mode: Mode,
                   args: Hyperparameters, world_size: int, device: torch.device, distributed: bool, log: Logger) -> None:
-    """Compile every scheduled depth (train graph, and the eval graphs of the validation and
-    sliding-window batch shapes) on synthetic tokens, then restore the
-    initial weights and optimizer state so measured training starts from the true init. Validation
-    data is never touched here."""
+    """Compile every scheduled depth (train graph, the eval graphs of the validation and
+    sliding-window batch shapes, TTT's) on synthetic tokens, then restore the initial weights and
+    optimizer state so measured training starts from the true init. Validation data is never
+    touched here."""
     depths = scheduled_depths(args)
     accum = grad_accum_steps(world_size)
     gen = torch.Generator().manual_seed(args.seed)
@@ -1573,6 +1569,10 @@ def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimi
         for depth in depths:
             for shape in eval_shapes:
                 compiled(*synthetic(*shape), depth)
+    # >>> ttt
+    if args.ttt_enabled:
+        prime_ttt(compiled, base_model, args, depths, device)
+    # <<< ttt
     compiled.train()
     base_model.load_state_dict(model_state)
     for opt, state in zip(optimizers, opt_states):
@@ -1895,8 +1895,6 @@ def log_training_summary(trainer: Trainer) -> None:
     # <<< mod
     tokens_per_s = trainer.step * args.train_batch_tokens / max(clock.elapsed_ms / 1000.0, 1e-9)
     log(f"train_summary steps:{trainer.step} train_time:{clock.elapsed_ms:.0f}ms tokens_per_s:{tokens_per_s:.0f}")
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    log(f"compile_stats unique_graphs:{graphs} recompiles_after_warmup:{graphs - trainer.graphs_after_warmup}")
     if run.device.type == "cuda":
         log(f"peak memory allocated: {max(a for a, _ in trainer.peaks) >> 20} MiB "
             f"reserved: {max(r for _, r in trainer.peaks) >> 20} MiB")
@@ -1940,33 +1938,44 @@ def export_and_score(trainer: Trainer) -> int:
 
     eval_ms: dict[str, float] = {}
 
-    def timed_eval(label: str, score: Callable[[], tuple[float, float]], extra: str = "") -> float:
+    def timed_eval(label: str, score: Callable[[], tuple], extra: str = "") -> tuple:
         synchronize(run.device)
         t0 = time.perf_counter()
-        loss, bpb = score()
+        result = score()
+        loss, bpb = result[:2]
         synchronize(run.device)
         eval_ms[label] = 1000.0 * (time.perf_counter() - t0)
         log(f"{label} {extra}val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms[label]:.0f}ms")
         log(f"{label}_exact {extra}val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-        return bpb
+        return result
 
-    score = timed_eval(f"final_{fmt.replace('+', '_')}_roundtrip", trainer.evaluate_plain)
+    # The roundtrip line is the score PR #1088 reports (1.25595): the one to compare with it.
+    score = timed_eval(f"final_{fmt.replace('+', '_')}_roundtrip", trainer.evaluate_plain)[1]
     log(f"quant_gap {fmt} val_bpb:{score - val_bpb:+.8f} (roundtrip minus pre-quant)")
-    if args.eval_stride:
+    sliding = "scored" if args.eval_stride else "off"
+    # >>> ttt
+    if args.ttt_enabled and args.eval_stride and not args.ttt_sliding_score:
+        sliding = "skipped_for_ttt"  # TTT scores with these windows, adapting as it goes: its score replaces this one
+    # <<< ttt
+    if sliding == "scored":
         score = timed_eval("final_sliding_window", lambda: evaluate(
             run.compiled, run.val_tokens, run.luts, trainer.depth, args.eval_seq_len, args.eval_stride, args.eval_batch_seqs,
-            run.rank, run.world_size), f"stride:{args.eval_stride} ")
+            run.rank, run.world_size), f"stride:{args.eval_stride} ")[1]
     # >>> ttt
     if args.ttt_enabled:
         log(describe_ttt(run.base_model, args, trainer.depth))
-        score = timed_eval("final_ttt", lambda: eval_ttt(run.compiled, run.base_model, args, trainer.depth, run.val_tokens,
-                                                         run.luts, run.rank, run.world_size))
+        ttt = timed_eval("final_ttt", lambda: eval_ttt(run.compiled, run.base_model, args, trainer.depth, run.val_tokens,
+                                                       run.luts, run.rank, run.world_size))
+        score = ttt.bpb
+        log(f"ttt_adapted share:{ttt.adapted:.4f} (of the scored tokens, those predicted after their lane's first update)")
     # <<< ttt
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # after the last evaluation: any recompile shows
+    log(f"compile_stats unique_graphs:{graphs} recompiles_after_warmup:{graphs - trainer.graphs_after_warmup}")
     budget_ms, train_ms = 1000.0 * TIME_BUDGET_SECONDS, trainer.clock.elapsed_ms
     ok = lambda used, cap: "ok" if used <= cap else "OVER"
     log(f"compliance train_time:{train_ms:.0f}ms/{budget_ms:.0f}ms:{ok(train_ms, budget_ms)} "
         f"eval_time:{sum(eval_ms.values()):.0f}ms/{budget_ms:.0f}ms:{ok(sum(eval_ms.values()), budget_ms)} "
-        f"({' '.join(f'{k}:{v:.0f}ms' for k, v in eval_ms.items())}) "
+        f"({' '.join(f'{k}:{v:.0f}ms' for k, v in eval_ms.items())}) sliding_window:{sliding} "
         f"export_calibration:{calibration} artifact:{total}/{SIZE_CAP_BYTES}:{ok(total, SIZE_CAP_BYTES)} "
         "val_tokens_trained_before_scoring:0 "
         f"score:{list(eval_ms)[-1]}_exact val_bpb:{score:.8f}")
@@ -2331,34 +2340,46 @@ def deq_solve(model: GPT, u: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor
 
 # >>> ttt: score-first test-time training (PR #470; LoRA TTT and PR #549's full-weight TTT)
 def ttt_settings(h: Hyperparameters) -> None:
-    # Test-time training (TTT) scores each TTT_CHUNK_TOKENS chunk of the stream with the sliding
-    # windows, then adapts on it: rank-TTT_RANK LoRA on the head and on the attentions' q/v of the
-    # blocks of the layer plan with Adam (lora), or every weight with SGD (full); with TTT_RESET=doc
-    # each document starts from the artifact again, TTT_BATCH_DOCS side by side.
+    # Test-time training (TTT) scores each TTT_CHUNK_TOKENS chunk, then adapts on it: rank-TTT_RANK
+    # LoRA on the head and on the attentions' q/v of the blocks of the layer plan with Adam (lora,
+    # 256-token chunks as the LoRA TTT record's), or every weight with SGD (full, PR #549's 32,768);
+    # with TTT_RESET=doc each document starts from the artifact again, TTT_BATCH_DOCS side by side.
+    # TTT's score replaces the sliding-window one, which is skipped unless TTT_SLIDING_SCORE=1 (to
+    # measure TTT's gain).
     h.ttt_enabled = h._get("TTT_ENABLED", False)
     h.ttt_mode = h._get("TTT_MODE", "lora")
-    h.ttt_reset = h._get("TTT_RESET", "doc")
+    check_choice("TTT_MODE", h.ttt_mode, ("lora", "full"))
+    full = h.ttt_mode == "full"
+    h.ttt_reset = h._get("TTT_RESET", "none" if full else "doc")
     h.ttt_rank = h._get("TTT_RANK", 8, "[1,)")
     h.ttt_lr = h._get("TTT_LR", 0.01, "[0,)")
     h.ttt_steps = h._get("TTT_STEPS", 1, "[1,)")
-    h.ttt_chunk_tokens = h._get("TTT_CHUNK_TOKENS", 256, "[1,)")
+    h.ttt_chunk_tokens = h._get("TTT_CHUNK_TOKENS", 32_768 if full else 256, "[1,)")
     h.ttt_batch_docs = h._get("TTT_BATCH_DOCS", 64, "[1,)")
-    check_choice("TTT_MODE", h.ttt_mode, ("lora", "full"))
+    h.ttt_sliding_score = h._get("TTT_SLIDING_SCORE", False)
     check_choice("TTT_RESET", h.ttt_reset, ("doc", "none"))
-    if h.ttt_mode == "full" and h.ttt_reset == "doc":
+    if full and h.ttt_reset == "doc":
         raise RunError("TTT_MODE=full adapts one copy of the weights, so it needs TTT_RESET=none")
+    if full and h.ttt_chunk_tokens < h.eval_seq_len:
+        raise RunError(f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} is under EVAL_SEQ_LEN={h.eval_seq_len}: TTT_MODE=full "
+                       f"steps every weight, with an all-reduce of all of them, after each chunk (~"
+                       f"{FINEWEB_VAL_TOKENS // h.ttt_chunk_tokens:,} steps on FineWeb's validation split); its "
+                       "default is 32768, PR #549's")
 
 
 EXTENSION_SETTINGS.append(ttt_settings)
 
 
-# TTT_RESET=doc, is cut into TTT_CHUNK_TOKENS chunks. A chunk's sliding windows (those whose first
-# scored position lies in it) are scored under inference mode, and only then, unless it is the
-# last chunk, is the chunk trained on: its positions in seq_len windows, context reaching back
-# into already-scored tokens. Documents ("lanes") adapt side by side with their own adapters;
-# Adam's elementwise state keeps lanes independent.
+# The stream (TTT_RESET=none) or each document (doc) is cut into TTT_CHUNK_TOKENS chunks from its
+# start. A chunk's windows (those whose first scored position lies in it) are scored under
+# inference mode, and only then, unless it is the last chunk, is the chunk trained on: its
+# positions in seq_len windows, context reaching back into already-scored tokens. Documents
+# ("lanes") adapt side by side with their own adapters; Adam's elementwise state keeps lanes
+# independent. Every batch, scoring or adapting, has EVAL_BATCH_SEQS windows of EVAL_SEQ_LEN: the
+# graphs are compiled before the clock starts (prime_ttt), on synthetic tokens.
 
 
+FINEWEB_VAL_TOKENS = 62_021_632  # the challenge's validation split, sp1024
 TTT_ADAM_EPS = 1e-10  # the LoRA TTT record's
 TTT_SGD_MOMENTUM = 0.9  # PR #549's full-weight TTT
 TTT_GRAD_CLIP = 1.0
@@ -2372,6 +2393,20 @@ def adapted_blocks(model: GPT, depth: int) -> list[str]:
 def describe_ttt(model: GPT, args: Hyperparameters, depth: int) -> str:
     adapted = "every weight" if args.ttt_mode == "full" else "head," + ",".join(adapted_blocks(model, depth))
     return f"ttt mode:{args.ttt_mode} reset:{args.ttt_reset} chunk_tokens:{args.ttt_chunk_tokens} adapted:{adapted}"
+
+
+def ttt_windows(s0: int, s1: int, args: Hyperparameters, lane: int) -> np.ndarray:
+    """The scoring windows of a document (positions s0..s1-1), chunk by chunk from its start: in its
+    first EVAL_SEQ_LEN positions, where a window from the document's start sees all the context
+    there is, one window per chunk; then sliding blocks of EVAL_STRIDE. A document adapts after its
+    first TTT_CHUNK_TOKENS tokens, not after a whole window."""
+    seq_len, head_end = args.eval_seq_len, min(s0 + args.eval_seq_len, s1)
+    block = min(args.ttt_chunk_tokens, seq_len)
+    head = window_blocks(s0, s0, head_end, block, block, seq_len, lane)
+    if head_end == s1:
+        return head
+    stride = args.eval_stride or seq_len
+    return np.concatenate([head, window_blocks(s0, head_end, s1, stride, stride, seq_len, lane)])
 
 
 class LoRA(nn.Module):
@@ -2421,11 +2456,16 @@ def ttt_train_step(model: nn.Module, params: list[Tensor], tokens: Tensor, windo
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 
+class TTTScore(NamedTuple):
+    loss: float
+    bpb: float
+    adapted: float  # the share of the scored tokens predicted after their lane's first update
+
+
 def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: int, val_tokens: Tensor, luts: ByteLUTs,
-             rank: int = 0, world_size: int = 1, per_position: Tensor | None = None) -> tuple[float, float]:
+             rank: int = 0, world_size: int = 1, per_position: Tensor | None = None) -> TTTScore:
     """Score-first test-time training over the validation stream; the model is restored afterwards."""
     n, seq_len, chunk = val_tokens.numel() - 1, args.eval_seq_len, args.ttt_chunk_tokens
-    stride = args.eval_stride or seq_len
     device = luts.base_bytes.device
     tokens = F.pad(val_tokens.to(device, torch.int64), (0, seq_len))
     if args.ttt_reset == "doc":  # longest first, so documents batched together end at about the same time
@@ -2437,6 +2477,7 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
     base_model.requires_grad_(full)
     model.eval()
     sums = torch.zeros(3, device=device, dtype=torch.float64)
+    adapted = 0  # positions scored after their lane's first update
     for first in range(0, len(segments), lanes):
         group = segments[first : first + lanes]
         lora = None if full else LoRA(base_model, depth, len(group), args.ttt_rank, args.seed + first)
@@ -2450,7 +2491,7 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
         # Each lane's scoring windows, grouped by the chunk holding their first scored position.
         plans = []
         for lane, (s0, s1) in enumerate(group):
-            scored = window_blocks(s0, s0, s1, seq_len, stride, seq_len, lane)
+            scored = ttt_windows(s0, s1, args, lane)
             bounds = np.searchsorted((scored[:, 1] - s0) // chunk, np.arange((s1 - s0 - 1) // chunk + 2))
             plans.append((s0, s1, scored, bounds))
         for c in range((max(s1 - s0 for s0, s1 in group) - 1) // chunk + 1):
@@ -2459,6 +2500,7 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
                 if c + 1 >= len(bounds):
                     continue  # this document has ended
                 score.append(scored[bounds[c] : bounds[c + 1]])
+                adapted += int((score[-1][:, 2] - score[-1][:, 1]).sum()) if c else 0
                 c0, c1 = s0 + c * chunk, min(s0 + (c + 1) * chunk, s1)
                 if c1 < s1:  # never after a document's (or the stream's) last chunk
                     if c1 > scored[bounds[c + 1] - 1, 2]:
@@ -2469,9 +2511,8 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
             if not train:
                 continue
             train_rows = np.concatenate(train)
-            lane_counts = torch.zeros(len(group), device=device).index_add_(
-                0, torch.from_numpy(train_rows[:, 3]).to(device),
-                torch.from_numpy(train_rows[:, 2] - train_rows[:, 1]).float().to(device)).clamp_min(1.0)
+            lane_counts = np.bincount(train_rows[:, 3], train_rows[:, 2] - train_rows[:, 1], minlength=len(group))
+            lane_counts = torch.from_numpy(lane_counts).float().to(device).clamp_min(1.0)
             for _ in range(args.ttt_steps):
                 ttt_train_step(model, params, tokens, rank_share(train_rows, rank, world_size), lane_counts,
                                depth, seq_len, args.eval_batch_seqs, lora)
@@ -2482,7 +2523,20 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
     base_model.load_state_dict(snapshot)
     base_model.requires_grad_(True)
     model.train(was_training)
-    return loss_and_bpb(sums)
+    return TTTScore(*loss_and_bpb(sums), adapted / n)
+
+
+def prime_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depths: list[int], device: torch.device) -> None:
+    """Compile TTT's graphs (scoring, and adapting with its backward) at every depth: TTT on a
+    synthetic document of two chunks, each rank alone (so each compiles them all). No validation
+    token is read."""
+    tokens = torch.randint(0, args.vocab_size, (2 * args.ttt_chunk_tokens + 1,), generator=torch.Generator().manual_seed(args.seed))
+    tokens[tokens == BOS_ID] = 0
+    tokens[0] = BOS_ID
+    flags = torch.zeros(args.vocab_size, dtype=torch.bool, device=device)
+    luts = ByteLUTs(torch.ones(args.vocab_size, dtype=torch.int16, device=device), flags, flags)
+    for depth in depths:
+        eval_ttt(model, base_model, args, depth, tokens, luts)
 # <<< ttt
 
 

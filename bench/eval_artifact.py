@@ -48,7 +48,7 @@ def main(path: str) -> None:
     print(f"artifact:{path} depth:{depth} val_tokens:{n} device:{device.type}")
     for name, run in runs.items():
         t0 = time.perf_counter()
-        loss, bpb = run()
+        loss, bpb = run()[:2]
         seconds = time.perf_counter() - t0
         print(f"{name:24s} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{seconds * 1000:.0f}ms "
               f"tokens_per_s:{n / seconds:.0f}")

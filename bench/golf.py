@@ -10,7 +10,8 @@ through its own log lines, so an interrupted benchmark continues where it stoppe
 runs are kept). The table gives, per configuration, the median and spread (min..max) over seeds
 of the roundtrip val_bpb, its quantization gap (roundtrip minus pre-quant) and the sliding-window
 val_bpb, and medians of artifact bytes, the startup size estimate, steps, tokens/s and peak GPU
-memory.
+memory; with TTT (TTT_ENABLED=1 TTT_SLIDING_SCORE=1), also TTT's val_bpb, its gain over the sliding
+score of the same run, and the share of the scored tokens predicted after their first update.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ QUICKSTART = (f"DATA_PATH={REPO}/data/datasets/local_sp1024 TOKENIZER_PATH={REPO
 METRICS = {  # name: (pattern, cast); each taken from the last matching line of a finished log
     "roundtrip": (r"^final_int\d_\w+_roundtrip_exact val_loss:\S+ val_bpb:(\S+)$", float),
     "sliding": (r"^final_sliding_window_exact stride:\d+ val_loss:\S+ val_bpb:(\S+)$", float),
+    "ttt": (r"^final_ttt_exact val_loss:\S+ val_bpb:(\S+)$", float),
+    "adapted": (r"^ttt_adapted share:(\S+) ", float),
     "gap": (r"^quant_gap \S+ val_bpb:(\S+) ", float),
     "estimate": (r"^size_check: total:\d+ cap:\d+ estimate:(\d+) ", int),
     "bytes": (r"^Total submission size \S+: (\d+) bytes$", int),
@@ -62,6 +65,8 @@ def read_metrics(log: Path) -> dict[str, float] | None:
         found = re.findall(pattern, text, re.M)
         if found:
             out[name] = cast(found[-1])
+    if "ttt" in out and "sliding" in out:
+        out["ttt_gain"] = out["ttt"] - out["sliding"]
     return out
 
 
@@ -90,6 +95,9 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     head = ("| config | seeds | roundtrip val_bpb (min..max) | quant gap (min..max) | sliding val_bpb (min..max) | bytes "
             "| estimate | steps | tokens/s | peak MiB |")
     rows = [head, "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
+    ttt = any("ttt" in r for runs in results.values() for r in runs)
+    if ttt:
+        rows = [rows[0] + " ttt val_bpb (min..max) | ttt - sliding (min..max) | adapted |", rows[1] + "---|---|---:|"]
     for name, runs in results.items():
         def med(key: str, fmt: str) -> str:
             values = [r[key] for r in runs if key in r]
@@ -101,7 +109,8 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 
         rows.append(f"| {name} | {len(runs)} | {spread('roundtrip')} | {spread('gap', '+.5f')} | {spread('sliding')} | "
                     f"{med('bytes', ',.0f')} | {med('estimate', ',.0f')} | {med('steps', '.0f')} | "
-                    f"{med('tokens_per_s', ',.0f')} | {med('peak_mib', '.0f')} |")
+                    f"{med('tokens_per_s', ',.0f')} | {med('peak_mib', '.0f')} |"
+                    + (f" {spread('ttt')} | {spread('ttt_gain', '+.4f')} | {med('adapted', '.3f')} |" if ttt else ""))
     return "\n".join(rows)
 
 

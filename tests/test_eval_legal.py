@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt
-from conftest import REPO, tiny_args, tiny_model
+from conftest import REPO, TINY, run_script, tiny_args, tiny_model
 
 SEQ = 32  # TINY's TRAIN_SEQ_LEN
 
@@ -51,7 +52,7 @@ def sliding(model, tokens, luts, stride: int, seq_len: int = SEQ, batch: int = 8
 def ttt(model, tokens, luts, **env):
     args = tiny_args(**{"EVAL_STRIDE": "8", "TTT_CHUNK_TOKENS": "64", "TTT_LR": "0.05", **env})
     per_position = torch.full((tokens.numel() - 1,), float("nan"), dtype=torch.float64)
-    loss, bpb = train_gpt.eval_ttt(model, model, args, 3, tokens, luts, per_position=per_position)
+    loss, bpb, _ = train_gpt.eval_ttt(model, model, args, 3, tokens, luts, per_position=per_position)
     return loss, bpb, per_position
 
 
@@ -156,6 +157,27 @@ def test_ttt_without_learning_is_the_sliding_evaluation(luts):
     assert loss == pytest.approx(s_loss, rel=1e-12) and bpb == pytest.approx(s_bpb, rel=1e-12)
 
 
+def test_ttt_adapts_documents_shorter_than_a_window_after_their_first_chunk(luts):
+    """FineWeb's documents are mostly shorter than a window. Each is scored chunk by chunk from its
+    start: only its first chunk is predicted before an update; every later position is predicted
+    after one (its score differs from TTT at LR 0), and the logged share counts exactly those."""
+    model = tiny_model(randomize=True)
+    tokens = stream(700, doc_every=30)  # documents of 30-59 tokens, under EVAL_SEQ_LEN=64
+    env = {"EVAL_SEQ_LEN": "64", "TTT_CHUNK_TOKENS": "16", "TTT_BATCH_DOCS": "8"}
+    loss, _, adapted_scores = ttt(model, tokens, luts, **env)
+    still = ttt(model, tokens, luts, **env, TTT_LR="0")[2]
+    starts = torch.nonzero(tokens[:-1] == train_gpt.BOS_ID).flatten().tolist() + [700]
+    first_chunk = torch.zeros(700, dtype=torch.bool)
+    for s0, s1 in zip(starts, starts[1:]):
+        assert s1 - s0 < 64
+        first_chunk[s0 : s0 + 16] = True
+    assert torch.equal(adapted_scores[first_chunk], still[first_chunk])  # scored before any update
+    assert (adapted_scores[~first_chunk] != still[~first_chunk]).float().mean() > 0.99  # scored after one
+    args = tiny_args(**{"EVAL_STRIDE": "8", "TTT_LR": "0.05", **env})
+    share = train_gpt.eval_ttt(model, model, args, 3, tokens, luts).adapted
+    assert share == pytest.approx((~first_chunk).sum().item() / 700, abs=1e-12) and share > 0.6
+
+
 def test_ttt_documents_adapt_independently(luts):
     model = tiny_model(randomize=True)
     tokens = stream(700, doc_every=90)
@@ -221,3 +243,20 @@ def test_sliding_and_ttt_capture_in_one_graph_each(luts, mode):
     for run in (lambda m: train_gpt.evaluate(m, tokens, luts, 3, SEQ, 8, 8),
                 lambda m: train_gpt.eval_ttt(m, model, args, 3, tokens, luts)):
         assert run(compiled) == pytest.approx(run(model), rel=1e-6)
+
+
+def test_ttt_compiles_before_the_clock_and_its_evaluation_never_recompiles(tmp_path, dataset):
+    """With Inductor (C++ code generation on the CPU), TTT's scoring and adapting graphs are
+    compiled during the warmup, on synthetic tokens, at TTT's one batch shape: compile_stats,
+    logged after TTT's evaluation, counts no recompile."""
+    env = {**dataset, **TINY, "TORCH_COMPILE": "1", "NUM_LAYER_SCHEDULE": "0:1", "ITERATIONS": "2", "WARMUP_STEPS": "1",
+           "VAL_LOSS_EVERY": "0", "MAX_WALLCLOCK_SECONDS": "0", "EVAL_STRIDE": "8", "TTT_ENABLED": "1",
+           "TTT_CHUNK_TOKENS": "16", "TTT_BATCH_DOCS": "5", "RUN_ID": "ttt"}
+    result = run_script(tmp_path, env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "device:cpu compile:True" in out
+    stats = re.search(r"^compile_stats unique_graphs:(\d+) recompiles_after_warmup:(\d+)$", out, re.M)
+    assert stats and out.index("final_ttt_exact") < stats.start(), out[-2000:]
+    assert int(stats.group(1)) > 0 and stats.group(2) == "0", stats.group(0)
+    assert re.search(r"^compliance .* sliding_window:skipped_for_ttt .* score:final_ttt_exact ", out, re.M)

@@ -42,6 +42,19 @@ def test_every_bad_setting_is_one_error_naming_it(name, value):
     assert str(error.value).startswith(f"{name}=") and "\n" not in str(error.value)
 
 
+def test_full_ttt_takes_record_chunks_by_default_and_refuses_a_chunk_under_a_window():
+    # TTT_MODE=full steps every weight per chunk: PR #549's 32,768-token chunks and one stream by
+    # default; 256 tokens (LoRA's chunk) would mean ~240K steps on FineWeb, each all-reducing every weight.
+    full = tiny_args(TTT_MODE="full")
+    assert (full.ttt_chunk_tokens, full.ttt_reset) == (32_768, "none")
+    assert (tiny_args().ttt_chunk_tokens, tiny_args().ttt_reset) == (256, "doc")
+    with pytest.raises(train_gpt.RunError) as error:
+        tiny_args(TTT_MODE="full", TTT_CHUNK_TOKENS="256", EVAL_SEQ_LEN="1024")
+    message = str(error.value)
+    assert message.startswith("TTT_CHUNK_TOKENS=256 is under EVAL_SEQ_LEN=1024") and "~242,272 steps" in message
+    assert "\n" not in message
+
+
 def test_off_values_and_edges_are_accepted():
     args = tiny_args(MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="0", GRAD_CLIP_NORM="0", VAL_LOSS_EVERY="0",
                      ITERATIONS="0", SEED="4294967295", BETA2="0", ANDERSON_BETA="1", TIE_EMBEDDINGS="1", RUN_ID="a.b-c_1")

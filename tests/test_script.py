@@ -12,7 +12,7 @@ from conftest import REPO, TINY, run_patched, run_script
 
 RUN = {**TINY, "ITERATIONS": "12", "NUM_LAYER_SCHEDULE": "0:1,6:2", "VAL_LOSS_EVERY": "6",
        "TRAIN_LOG_EVERY": "1", "WARMUP_STEPS": "2", "MAX_WALLCLOCK_SECONDS": "0", "RUN_ID": "t",
-       "WARMDOWN_ITERS": "4", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "64"}
+       "WARMDOWN_ITERS": "4", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "64", "TTT_SLIDING_SCORE": "1"}
 
 
 def values(log: str, key: str) -> list[float]:
@@ -51,10 +51,11 @@ def test_end_to_end_run(tmp_path, dataset):
     ttt = re.search(r"^final_ttt_exact val_loss:\S+ val_bpb:(\S+)$", out, re.M)
     compliance = re.search(r"^compliance train_time:(\d+)ms/600000ms:ok eval_time:(\d+)ms/600000ms:ok "
                            r"\(final_int8_zlib_roundtrip:(\d+)ms final_sliding_window:(\d+)ms final_ttt:(\d+)ms\) "
-                           rf"export_calibration:none artifact:{total}/16000000:ok val_tokens_trained_before_scoring:0 "
+                           rf"sliding_window:scored export_calibration:none artifact:{total}/16000000:ok val_tokens_trained_before_scoring:0 "
                            r"score:final_ttt_exact val_bpb:(\S+)$", out, re.M)
     assert ttt and compliance, out[-3000:]
     assert compliance.group(6) == ttt.group(1)
+    assert 0.5 < float(re.search(r"^ttt_adapted share:(\S+) ", out, re.M).group(1)) < 1  # the documents are several chunks long
     assert int(compliance.group(2)) - sum(int(compliance.group(i)) for i in (3, 4, 5)) in (-2, -1, 0, 1, 2)
 
 
