@@ -43,7 +43,7 @@ import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -2341,30 +2341,31 @@ def deq_solve(model: GPT, u: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor
 # >>> ttt: score-first test-time training (PR #470; LoRA TTT and PR #549's full-weight TTT)
 def ttt_settings(h: Hyperparameters) -> None:
     # Test-time training (TTT) scores each TTT_CHUNK_TOKENS chunk, then adapts on it: rank-TTT_RANK
-    # LoRA on the head and on the attentions' q/v of the blocks of the layer plan with Adam (lora,
-    # 256-token chunks as the LoRA TTT record's), or every weight with SGD (full, PR #549's 32,768);
-    # with TTT_RESET=doc each document starts from the artifact again, TTT_BATCH_DOCS side by side.
+    # LoRA on the head and on the attentions' q/v of the blocks of the layer plan with Adam (lora),
+    # or every weight with SGD (full). TTT_RESET=doc: each document starts from the artifact again,
+    # TTT_BATCH_DOCS side by side, in 256-token chunks (the LoRA TTT record's); none: one set of
+    # weights adapts over the whole stream (full's default), in 32,768-token chunks (PR #549's).
     # TTT's score replaces the sliding-window one, which is skipped unless TTT_SLIDING_SCORE=1 (to
     # measure TTT's gain).
     h.ttt_enabled = h._get("TTT_ENABLED", False)
     h.ttt_mode = h._get("TTT_MODE", "lora")
     check_choice("TTT_MODE", h.ttt_mode, ("lora", "full"))
-    full = h.ttt_mode == "full"
-    h.ttt_reset = h._get("TTT_RESET", "none" if full else "doc")
+    h.ttt_reset = h._get("TTT_RESET", "none" if h.ttt_mode == "full" else "doc")
+    check_choice("TTT_RESET", h.ttt_reset, ("doc", "none"))
+    stream = h.ttt_reset == "none"
     h.ttt_rank = h._get("TTT_RANK", 8, "[1,)")
     h.ttt_lr = h._get("TTT_LR", 0.01, "[0,)")
     h.ttt_steps = h._get("TTT_STEPS", 1, "[1,)")
-    h.ttt_chunk_tokens = h._get("TTT_CHUNK_TOKENS", 32_768 if full else 256, "[1,)")
+    h.ttt_chunk_tokens = h._get("TTT_CHUNK_TOKENS", 32_768 if stream else 256, "[1,)")
     h.ttt_batch_docs = h._get("TTT_BATCH_DOCS", 64, "[1,)")
     h.ttt_sliding_score = h._get("TTT_SLIDING_SCORE", False)
-    check_choice("TTT_RESET", h.ttt_reset, ("doc", "none"))
-    if full and h.ttt_reset == "doc":
+    if h.ttt_mode == "full" and not stream:
         raise RunError("TTT_MODE=full adapts one copy of the weights, so it needs TTT_RESET=none")
-    if full and h.ttt_chunk_tokens < h.eval_seq_len:
-        raise RunError(f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} is under EVAL_SEQ_LEN={h.eval_seq_len}: TTT_MODE=full "
-                       f"steps every weight, with an all-reduce of all of them, after each chunk (~"
-                       f"{FINEWEB_VAL_TOKENS // h.ttt_chunk_tokens:,} steps on FineWeb's validation split); its "
-                       "default is 32768, PR #549's")
+    if stream and h.ttt_chunk_tokens < h.eval_seq_len:
+        raise RunError(f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} is under EVAL_SEQ_LEN={h.eval_seq_len}: with "
+                       "TTT_RESET=none one set of weights adapts over the stream, a step (with an all-reduce of its "
+                       f"gradients) after each chunk, ~{FINEWEB_VAL_TOKENS // h.ttt_chunk_tokens:,} on FineWeb's "
+                       "validation split; the default there is 32768 (PR #549's)")
 
 
 EXTENSION_SETTINGS.append(ttt_settings)
@@ -2444,15 +2445,15 @@ def doc_segments(val_tokens: Tensor) -> list[tuple[int, int]]:
 
 
 def ttt_train_step(model: nn.Module, params: list[Tensor], tokens: Tensor, windows: np.ndarray, lane_counts: Tensor,
-                   depth: int, seq_len: int, batch: int, lora: LoRA | None) -> None:
-    """Accumulate the gradient of the sum over lanes of each lane's mean loss on its windows
-    (this rank's share), then sum it over ranks."""
+                   depth: int, seq_len: int, batch: int, lora: LoRA | None, shared: bool) -> None:
+    """Accumulate the gradient of the sum over lanes of each lane's mean loss on its windows;
+    `shared`: they are this rank's share, and the gradient is summed over ranks."""
     for rows, *_, nats, _ in window_forwards(model, tokens, windows, depth, seq_len, batch, lora):
         (nats / lane_counts[rows[:, 3], None]).sum().backward()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        if dist.is_available() and dist.is_initialized():
+        if shared and dist.is_available() and dist.is_initialized():
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 
@@ -2462,25 +2463,60 @@ class TTTScore(NamedTuple):
     adapted: float  # the share of the scored tokens predicted after their lane's first update
 
 
+def ttt_groups(segments: list[tuple[int, int]], args: Hyperparameters) -> list[list[tuple[int, int]]]:
+    """The documents (position ranges) that adapt side by side, group by group: TTT_BATCH_DOCS of
+    them, longest first so that a group's documents end at about the same time; with
+    TTT_RESET=none, the whole stream as one."""
+    if args.ttt_reset == "none":
+        return [[(segments[0][0], segments[-1][1])]]
+    ordered = sorted(segments, key=lambda s: s[0] - s[1])
+    return [ordered[i : i + args.ttt_batch_docs] for i in range(0, len(ordered), args.ttt_batch_docs)]
+
+
+def ttt_steps(group: list[tuple[int, int]], args: Hyperparameters) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """For a group (lane i is document group[i]), chunk by chunk: the windows that score the chunk
+    (those whose first scored position lies in it), then those that train on it, or None after
+    every document's last chunk. A chunk is trained on only once all of it has been scored."""
+    seq_len, chunk = args.eval_seq_len, args.ttt_chunk_tokens
+    plans = []
+    for lane, (s0, s1) in enumerate(group):
+        scored = ttt_windows(s0, s1, args, lane)
+        plans.append((s0, s1, scored, np.searchsorted((scored[:, 1] - s0) // chunk, np.arange((s1 - s0 - 1) // chunk + 2))))
+    for c in range((max(s1 - s0 for s0, s1 in group) - 1) // chunk + 1):
+        score, train = [], []
+        for lane, (s0, s1, scored, bounds) in enumerate(plans):
+            if c + 1 >= len(bounds):
+                continue  # this document has ended
+            score.append(scored[bounds[c] : bounds[c + 1]])
+            c0, c1 = s0 + c * chunk, min(s0 + (c + 1) * chunk, s1)
+            if c1 < s1:  # never after a document's (or the stream's) last chunk
+                if c1 > scored[bounds[c + 1] - 1, 2]:
+                    raise RuntimeError(f"TTT would train on unscored positions {c0}..{c1}")
+                train.append(window_blocks(s0, c0, c1, seq_len, seq_len, seq_len, lane))
+        yield np.concatenate(score), np.concatenate(train) if train else None
+
+
 def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: int, val_tokens: Tensor, luts: ByteLUTs,
              rank: int = 0, world_size: int = 1, per_position: Tensor | None = None) -> TTTScore:
     """Score-first test-time training over the validation stream; the model is restored afterwards."""
-    n, seq_len, chunk = val_tokens.numel() - 1, args.eval_seq_len, args.ttt_chunk_tokens
+    n, seq_len = val_tokens.numel() - 1, args.eval_seq_len
     device = luts.base_bytes.device
     tokens = F.pad(val_tokens.to(device, torch.int64), (0, seq_len))
-    if args.ttt_reset == "doc":  # longest first, so documents batched together end at about the same time
-        segments, lanes = sorted(doc_segments(val_tokens), key=lambda s: s[0] - s[1]), args.ttt_batch_docs
-    else:
-        segments, lanes = [(0, n)], 1
     full, was_training = args.ttt_mode == "full", model.training
     snapshot = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     base_model.requires_grad_(full)
     model.eval()
     sums = torch.zeros(3, device=device, dtype=torch.float64)
     adapted = 0  # positions scored after their lane's first update
-    for first in range(0, len(segments), lanes):
-        group = segments[first : first + lanes]
-        lora = None if full else LoRA(base_model, depth, len(group), args.ttt_rank, args.seed + first)
+    # Documents adapt alone (TTT_RESET=doc): each rank takes every world_size-th group whole, and
+    # the ranks meet only to add up the scores. One stream adapts one set of weights: each chunk's
+    # windows are split over the ranks, and the gradients summed.
+    shared = args.ttt_reset == "none"
+    share = (lambda rows: rank_share(rows, rank, world_size)) if shared else (lambda rows: rows)
+    for g, group in enumerate(ttt_groups(doc_segments(val_tokens), args)):
+        if not shared and g % world_size != rank:
+            continue
+        lora = None if full else LoRA(base_model, depth, len(group), args.ttt_rank, args.seed + g * args.ttt_batch_docs)
         if full:
             base_model.load_state_dict(snapshot)  # each group starts from the artifact's weights
             params = list(base_model.parameters())
@@ -2488,34 +2524,17 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
         else:
             params = list(lora.parameters())
             opt = torch.optim.Adam(params, lr=args.ttt_lr, betas=(args.beta1, args.beta2), eps=TTT_ADAM_EPS)
-        # Each lane's scoring windows, grouped by the chunk holding their first scored position.
-        plans = []
-        for lane, (s0, s1) in enumerate(group):
-            scored = ttt_windows(s0, s1, args, lane)
-            bounds = np.searchsorted((scored[:, 1] - s0) // chunk, np.arange((s1 - s0 - 1) // chunk + 2))
-            plans.append((s0, s1, scored, bounds))
-        for c in range((max(s1 - s0 for s0, s1 in group) - 1) // chunk + 1):
-            score, train = [], []
-            for lane, (s0, s1, scored, bounds) in enumerate(plans):
-                if c + 1 >= len(bounds):
-                    continue  # this document has ended
-                score.append(scored[bounds[c] : bounds[c + 1]])
-                adapted += int((score[-1][:, 2] - score[-1][:, 1]).sum()) if c else 0
-                c0, c1 = s0 + c * chunk, min(s0 + (c + 1) * chunk, s1)
-                if c1 < s1:  # never after a document's (or the stream's) last chunk
-                    if c1 > scored[bounds[c + 1] - 1, 2]:
-                        raise RuntimeError(f"TTT would train on unscored positions {c0}..{c1}")
-                    train.append(window_blocks(s0, c0, c1, seq_len, seq_len, seq_len, lane))
-            sums += eval_windows(model, tokens, rank_share(np.concatenate(score), rank, world_size), depth,
-                                 seq_len, args.eval_batch_seqs, luts, lora, per_position)
-            if not train:
+        for c, (score_rows, train_rows) in enumerate(ttt_steps(group, args)):
+            sums += eval_windows(model, tokens, share(score_rows), depth, seq_len, args.eval_batch_seqs, luts, lora,
+                                 per_position)
+            adapted += int((score_rows[:, 2] - score_rows[:, 1]).sum()) if c else 0
+            if train_rows is None:
                 continue
-            train_rows = np.concatenate(train)
             lane_counts = np.bincount(train_rows[:, 3], train_rows[:, 2] - train_rows[:, 1], minlength=len(group))
             lane_counts = torch.from_numpy(lane_counts).float().to(device).clamp_min(1.0)
             for _ in range(args.ttt_steps):
-                ttt_train_step(model, params, tokens, rank_share(train_rows, rank, world_size), lane_counts,
-                               depth, seq_len, args.eval_batch_seqs, lora)
+                ttt_train_step(model, params, tokens, share(train_rows), lane_counts, depth, seq_len,
+                               args.eval_batch_seqs, lora, shared)
                 if full:
                     torch.nn.utils.clip_grad_norm_(params, TTT_GRAD_CLIP)
                 opt.step()
@@ -2523,7 +2542,10 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
     base_model.load_state_dict(snapshot)
     base_model.requires_grad_(True)
     model.train(was_training)
-    return TTTScore(*loss_and_bpb(sums), adapted / n)
+    adapted = torch.tensor([float(adapted)], dtype=torch.float64, device=device)
+    if not shared and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(adapted, op=dist.ReduceOp.SUM)  # each rank counted its own documents
+    return TTTScore(*loss_and_bpb(sums), adapted.item() / n)
 
 
 def prime_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depths: list[int], device: torch.device) -> None:

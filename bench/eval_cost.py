@@ -7,13 +7,16 @@ FLOPs per window are counted by torch's FlopCounterMode on one forward of EVAL_S
 at the final depth of NUM_LAYER_SCHEDULE (matmuls and attention; elementwise work is not counted).
 The number of windows each evaluation runs comes from train_gpt's own window planner, over the
 documents of DATA_PATH's validation shards when they exist, else over VAL_TOKENS tokens cut into
-VAL_DOCS equal documents (the FineWeb validation split: 62,021,632 tokens, 50,000 documents).
+VAL_DOCS equal documents (the FineWeb validation split: 62,021,632 tokens, 50,000 documents); a
+batch always has EVAL_BATCH_SEQS windows (one compiled shape), so each call's windows, split over 8
+ranks, are counted in whole batches on the busiest rank: for TTT, TTT's own plan, chunk by chunk.
 Time is FLOPs divided by a rate calibrated on the PR #1088 record itself: 124 ms per
 524,288-token training step at depth 6 on 8xH100, with a training step costing 3 forwards.
 """
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -44,8 +47,28 @@ def doc_lengths(args: train_gpt.Hyperparameters) -> tuple[list[int], str]:
     return [size] * (VAL_DOCS - 1) + [VAL_TOKENS - size * (VAL_DOCS - 1)], f"{VAL_TOKENS:,} tokens in {VAL_DOCS:,} equal documents"
 
 
-def windows(length: int, seq_len: int, stride: int) -> int:
-    return len(train_gpt.window_blocks(0, 0, length, seq_len, stride, seq_len))
+RANKS = 8
+
+
+def padded(windows: int, batch: int) -> int:
+    """Window forwards, over all ranks, of one call scoring `windows` split over RANKS ranks."""
+    return RANKS * batch * -(-(-(-windows // RANKS)) // batch)
+
+
+def ttt_forwards(lengths: list[int], args: train_gpt.Hyperparameters) -> int:
+    """TTT's window forwards, RANKS times those of the busiest rank: each chunk's scoring call, and
+    its training call (forward and backward, 3 forwards) TTT_STEPS times; per document, each rank
+    runs whole groups of documents, every RANKS-th; one stream splits each call over the ranks."""
+    ends = list(itertools.accumulate(lengths))
+    busy, batch = [0] * RANKS, args.eval_batch_seqs
+    for g, group in enumerate(train_gpt.ttt_groups(list(zip([0] + ends[:-1], ends)), args)):
+        for score, train in train_gpt.ttt_steps(group, args):
+            for windows, cost in [(len(score), 1)] + ([] if train is None else [(len(train), 3 * args.ttt_steps)]):
+                if args.ttt_reset == "doc":
+                    busy[g % RANKS] += cost * batch * -(-windows // batch)
+                else:
+                    busy = [b + cost * padded(windows, batch) // RANKS for b in busy]
+    return RANKS * max(busy)
 
 
 def main() -> None:
@@ -58,15 +81,12 @@ def main() -> None:
     lengths, source = doc_lengths(args)
     n = sum(lengths)
     stride, chunk = args.eval_stride or seq_len, args.ttt_chunk_tokens
-    # TTT scores in sliding windows and trains each chunk but a segment's last in seq_len windows
-    # (forward + backward = 3 forwards), TTT_STEPS times.
-    segments = lengths if args.ttt_reset == "doc" else [n]
-    train_windows = sum(((length - 1) // chunk) * -(-chunk // seq_len) for length in segments)
+    windows = lambda length, size, step: len(train_gpt.window_blocks(0, 0, length, size, step, size))
     modes = {
-        "roundtrip": windows(n, args.train_seq_len, args.train_seq_len) * args.train_seq_len / seq_len,
-        f"sliding stride:{stride}": windows(n, seq_len, stride),
-        f"ttt {args.ttt_mode}/{args.ttt_reset} chunk:{chunk} steps:{args.ttt_steps}":
-            sum(windows(length, seq_len, stride) for length in segments) + 3 * args.ttt_steps * train_windows,
+        "roundtrip": padded(windows(n, args.train_seq_len, args.train_seq_len), train_gpt.val_batch_seqs(args, RANKS))
+                     * args.train_seq_len / seq_len,
+        f"sliding stride:{stride}": padded(windows(n, seq_len, stride), args.eval_batch_seqs),
+        f"ttt {args.ttt_mode}/{args.ttt_reset} chunk:{chunk} steps:{args.ttt_steps}": ttt_forwards(lengths, args),
     }
     print(f"config: model_params:{sum(p.numel() for p in model.parameters())} depth:{depth} eval_seq_len:{seq_len} "
           f"forward_flops_per_token:{per_window / seq_len:.4g}")

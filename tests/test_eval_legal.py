@@ -217,8 +217,11 @@ if distributed:
 
 
 def test_two_gloo_ranks_give_the_same_totals(tmp_path):
+    # Per-document TTT gives each rank whole groups of documents (two groups of three here); one
+    # stream splits every chunk's windows over the ranks.
+    modes = {**TTT_MODES, "lora-doc-groups": {"TTT_BATCH_DOCS": "3"}}
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(repo=str(REPO), tests=str(REPO / "tests"), modes=TTT_MODES))
+    script.write_text(WORKER.format(repo=str(REPO), tests=str(REPO / "tests"), modes=modes))
     env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
            "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
@@ -226,7 +229,7 @@ def test_two_gloo_ranks_give_the_same_totals(tmp_path):
                           str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     a, b = json.loads(one.stdout.strip().splitlines()[-1]), json.loads(two.stdout.strip().splitlines()[-1])
-    assert a.keys() == b.keys() == {"sliding", *TTT_MODES}
+    assert a.keys() == b.keys() == {"sliding", *modes}
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-6), key
     assert a["lora-doc"][0] != a["sliding"][0]  # TTT changed the scores

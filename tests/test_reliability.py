@@ -42,17 +42,19 @@ def test_every_bad_setting_is_one_error_naming_it(name, value):
     assert str(error.value).startswith(f"{name}=") and "\n" not in str(error.value)
 
 
-def test_full_ttt_takes_record_chunks_by_default_and_refuses_a_chunk_under_a_window():
-    # TTT_MODE=full steps every weight per chunk: PR #549's 32,768-token chunks and one stream by
-    # default; 256 tokens (LoRA's chunk) would mean ~240K steps on FineWeb, each all-reducing every weight.
-    full = tiny_args(TTT_MODE="full")
-    assert (full.ttt_chunk_tokens, full.ttt_reset) == (32_768, "none")
+def test_one_stream_of_ttt_takes_record_chunks_by_default_and_refuses_a_chunk_under_a_window():
+    # One set of weights adapting over the stream (TTT_RESET=none, TTT_MODE=full's default) steps
+    # after each chunk, with an all-reduce: PR #549's 32,768-token chunks by default; 256 tokens (the
+    # per-document default) would mean ~242K steps on FineWeb.
+    for overrides in ({"TTT_MODE": "full"}, {"TTT_RESET": "none"}):
+        args = tiny_args(**overrides)
+        assert (args.ttt_chunk_tokens, args.ttt_reset) == (32_768, "none")
+        with pytest.raises(train_gpt.RunError) as error:
+            tiny_args(**overrides, TTT_CHUNK_TOKENS="256", EVAL_SEQ_LEN="1024")
+        message = str(error.value)
+        assert message.startswith("TTT_CHUNK_TOKENS=256 is under EVAL_SEQ_LEN=1024") and "~242,272 on FineWeb" in message
+        assert "\n" not in message
     assert (tiny_args().ttt_chunk_tokens, tiny_args().ttt_reset) == (256, "doc")
-    with pytest.raises(train_gpt.RunError) as error:
-        tiny_args(TTT_MODE="full", TTT_CHUNK_TOKENS="256", EVAL_SEQ_LEN="1024")
-    message = str(error.value)
-    assert message.startswith("TTT_CHUNK_TOKENS=256 is under EVAL_SEQ_LEN=1024") and "~242,272 steps" in message
-    assert "\n" not in message
 
 
 def test_off_values_and_edges_are_accepted():
