@@ -1571,7 +1571,7 @@ def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimi
                 compiled(*synthetic(*shape), depth)
     # >>> ttt
     if args.ttt_enabled:
-        prime_ttt(compiled, base_model, args, depths, device)
+        prime_ttt(compiled, base_model, args, depths, world_size, device)
     # <<< ttt
     compiled.train()
     base_model.load_state_dict(model_state)
@@ -2463,6 +2463,16 @@ class TTTScore(NamedTuple):
     adapted: float  # the share of the scored tokens predicted after their lane's first update
 
 
+def ttt_batch_rows(args: Hyperparameters, world_size: int) -> tuple[int, int]:
+    """Rows of TTT's scoring and adapting batches, each one compiled shape: EVAL_BATCH_SEQS, or fewer
+    where TTT's calls hold fewer windows (documents: TTT_BATCH_DOCS side by side; one stream: a rank's
+    share of a chunk's windows), so that no call pads most of its batch with rows that score nothing."""
+    if args.ttt_reset == "doc":
+        return (min(args.eval_batch_seqs, args.ttt_batch_docs),) * 2
+    share = lambda size: min(args.eval_batch_seqs, -(-(-(-args.ttt_chunk_tokens // size)) // world_size))
+    return share(args.eval_stride or args.eval_seq_len), share(args.eval_seq_len)
+
+
 def ttt_groups(segments: list[tuple[int, int]], args: Hyperparameters) -> list[list[tuple[int, int]]]:
     """The documents (position ranges) that adapt side by side, group by group: TTT_BATCH_DOCS of
     them, longest first so that a group's documents end at about the same time; with
@@ -2497,9 +2507,12 @@ def ttt_steps(group: list[tuple[int, int]], args: Hyperparameters) -> Iterator[t
 
 
 def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: int, val_tokens: Tensor, luts: ByteLUTs,
-             rank: int = 0, world_size: int = 1, per_position: Tensor | None = None) -> TTTScore:
-    """Score-first test-time training over the validation stream; the model is restored afterwards."""
+             rank: int = 0, world_size: int = 1, per_position: Tensor | None = None,
+             batch_rows: tuple[int, int] | None = None) -> TTTScore:
+    """Score-first test-time training over the validation stream, in batches of `batch_rows`
+    (ttt_batch_rows' for `world_size` unless given); the model is restored afterwards."""
     n, seq_len = val_tokens.numel() - 1, args.eval_seq_len
+    score_batch, train_batch = batch_rows or ttt_batch_rows(args, world_size)
     device = luts.base_bytes.device
     tokens = F.pad(val_tokens.to(device, torch.int64), (0, seq_len))
     full, was_training = args.ttt_mode == "full", model.training
@@ -2525,16 +2538,15 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
             params = list(lora.parameters())
             opt = torch.optim.Adam(params, lr=args.ttt_lr, betas=(args.beta1, args.beta2), eps=TTT_ADAM_EPS)
         for c, (score_rows, train_rows) in enumerate(ttt_steps(group, args)):
-            sums += eval_windows(model, tokens, share(score_rows), depth, seq_len, args.eval_batch_seqs, luts, lora,
-                                 per_position)
+            sums += eval_windows(model, tokens, share(score_rows), depth, seq_len, score_batch, luts, lora, per_position)
             adapted += int((score_rows[:, 2] - score_rows[:, 1]).sum()) if c else 0
             if train_rows is None:
                 continue
             lane_counts = np.bincount(train_rows[:, 3], train_rows[:, 2] - train_rows[:, 1], minlength=len(group))
             lane_counts = torch.from_numpy(lane_counts).float().to(device).clamp_min(1.0)
             for _ in range(args.ttt_steps):
-                ttt_train_step(model, params, tokens, share(train_rows), lane_counts, depth, seq_len,
-                               args.eval_batch_seqs, lora, shared)
+                ttt_train_step(model, params, tokens, share(train_rows), lane_counts, depth, seq_len, train_batch, lora,
+                               shared)
                 if full:
                     torch.nn.utils.clip_grad_norm_(params, TTT_GRAD_CLIP)
                 opt.step()
@@ -2548,17 +2560,18 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
     return TTTScore(*loss_and_bpb(sums), adapted.item() / n)
 
 
-def prime_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depths: list[int], device: torch.device) -> None:
-    """Compile TTT's graphs (scoring, and adapting with its backward) at every depth: TTT on a
-    synthetic document of two chunks, each rank alone (so each compiles them all). No validation
-    token is read."""
+def prime_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depths: list[int], world_size: int,
+              device: torch.device) -> None:
+    """Compile TTT's graphs (scoring, and adapting with its backward) at every depth, at the batch
+    shapes of `world_size` ranks: TTT on a synthetic document of two chunks, each rank alone (so
+    each compiles them all). No validation token is read."""
     tokens = torch.randint(0, args.vocab_size, (2 * args.ttt_chunk_tokens + 1,), generator=torch.Generator().manual_seed(args.seed))
     tokens[tokens == BOS_ID] = 0
     tokens[0] = BOS_ID
     flags = torch.zeros(args.vocab_size, dtype=torch.bool, device=device)
     luts = ByteLUTs(torch.ones(args.vocab_size, dtype=torch.int16, device=device), flags, flags)
     for depth in depths:
-        eval_ttt(model, base_model, args, depth, tokens, luts)
+        eval_ttt(model, base_model, args, depth, tokens, luts, batch_rows=ttt_batch_rows(args, world_size))
 # <<< ttt
 
 

@@ -60,10 +60,11 @@ def ttt_forwards(lengths: list[int], args: train_gpt.Hyperparameters) -> int:
     its training call (forward and backward, 3 forwards) TTT_STEPS times; per document, each rank
     runs whole groups of documents, every RANKS-th; one stream splits each call over the ranks."""
     ends = list(itertools.accumulate(lengths))
-    busy, batch = [0] * RANKS, args.eval_batch_seqs
+    busy, (score_batch, train_batch) = [0] * RANKS, train_gpt.ttt_batch_rows(args, RANKS)
     for g, group in enumerate(train_gpt.ttt_groups(list(zip([0] + ends[:-1], ends)), args)):
         for score, train in train_gpt.ttt_steps(group, args):
-            for windows, cost in [(len(score), 1)] + ([] if train is None else [(len(train), 3 * args.ttt_steps)]):
+            calls = [(len(score), 1, score_batch)] + ([] if train is None else [(len(train), 3 * args.ttt_steps, train_batch)])
+            for windows, cost, batch in calls:
                 if args.ttt_reset == "doc":
                     busy[g % RANKS] += cost * batch * -(-windows // batch)
                 else:
