@@ -1274,7 +1274,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def setup_distributed() -> tuple[bool, int, int, torch.device]:
+def setup_distributed() -> tuple[bool, int, int, int, torch.device]:
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -1289,7 +1289,7 @@ def setup_distributed() -> tuple[bool, int, int, torch.device]:
         else:
             dist.init_process_group(backend="gloo")
         dist.barrier()
-    return distributed, rank, world_size, device
+    return distributed, rank, local_rank, world_size, device
 
 
 def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
@@ -1587,6 +1587,7 @@ class Run(NamedTuple):
     code: str  # this file's text
     device: torch.device
     rank: int
+    local_rank: int  # on its node
     world_size: int
     distributed: bool
     train_files: list[Path]
@@ -1619,7 +1620,7 @@ def setup_run() -> tuple[Run, dict | None]:
     check_torch_version(torch.__version__)
     # <<< input_checks
     args = Hyperparameters()
-    distributed, rank, world_size, device = setup_distributed()
+    distributed, rank, local_rank, world_size, device = setup_distributed()
     args.validate(world_size, device.type)
     CPU_AUTOCAST = args.autocast == "bf16"
     if device.type == "cuda":
@@ -1659,7 +1660,7 @@ def setup_run() -> tuple[Run, dict | None]:
         compiled = torch.compile(base_model, dynamic=False, fullgraph=True)
     model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False) if distributed else compiled
-    run = Run(args, code, device, rank, world_size, distributed, train_files, val_tokens, luts,
+    run = Run(args, code, device, rank, local_rank, world_size, distributed, train_files, val_tokens, luts,
               base_model, compiled, model, log)
     # >>> size_guard
     run = run._replace(estimate=estimate, verdict=verdict)
@@ -1722,13 +1723,14 @@ class Trainer:
         """Compile every graph the run needs, then start the loader and clock."""
         run, args = self.run, self.args
         # >>> input_checks
-        token_ids_checked = check_token_ids(run.train_files, args.vocab_size)  # read while the graphs compile
+        # Read while the graphs compile, by each node's local rank 0 alone: one reading of the shards a node holds.
+        token_ids_checked = check_token_ids(run.train_files if run.local_rank == 0 else [], args.vocab_size)
         # <<< input_checks
         if args.warmup_steps > 0:
             prime_compile(run.model, run.compiled, run.base_model, self.optimizers, self.mode, args, run.world_size,
                           run.device, run.distributed, self.log)
         # >>> input_checks
-        token_ids_checked()  # a shard made for a larger vocab is refused before training
+        token_ids_checked(run.distributed)  # a shard made for a larger vocab is refused, on every rank, before training
         # <<< input_checks
         self.graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         self.mark_peak()
@@ -1920,7 +1922,8 @@ def export_and_score(trainer: Trainer) -> int:
     rounded, calibration = None, "none"  # codes not rounded to nearest, by name; the tokens their rounding read
     # >>> gptq
     if args.quant_method == "gptq":
-        rounded, calibration = gptq_export(trainer), "train_tokens"
+        # Rank 0 alone calibrates and rounds: it writes the artifact, whose bytes reach the other ranks.
+        rounded, calibration = gptq_export(trainer) if run.master else None, "train_tokens"
     # <<< gptq
     blob = on_master(run.master, run.distributed, lambda: export_artifact(run.base_model.state_dict(), args, artifact, rounded))
     log(f"artifact:{artifact}")
@@ -2628,7 +2631,7 @@ def gptq_hessians(model: GPT, args: Hyperparameters, train_files: list[Path], de
     hooks = [module.register_forward_hook(accumulate(f"{name}.weight")) for name, module in model.named_modules()
              if isinstance(module, CastedLinear) and export_spec(f"{name}.weight", module.weight, args)]
     seq_len, batch = args.train_seq_len, max(1, 2 ** 16 // args.train_seq_len)
-    tokens = TokenStream(train_files).take(args.gptq_calib_seqs * seq_len + 1).to(device=device, dtype=torch.int64)
+    tokens = first_tokens(train_files, args.gptq_calib_seqs * seq_len + 1).to(device=device, dtype=torch.int64)
     x, y = tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
     try:
         with torch.no_grad(), autocast(device):
@@ -2638,6 +2641,19 @@ def gptq_hessians(model: GPT, args: Hyperparameters, train_files: list[Path], de
         for hook in hooks:
             hook.remove()
     return hessians
+
+
+def first_tokens(files: list[Path], n: int) -> Tensor:
+    """The first `n` tokens of the training stream (the shards in order, again from the first at
+    the end), reading no more of a shard than they need."""
+    parts: list[np.ndarray] = []
+    while n > 0:
+        for f in files:
+            parts.append(np.fromfile(f, dtype="<u2", count=min(n, shard_token_count(f)), offset=4 * HEADER_INTS))
+            n -= len(parts[-1])
+            if n <= 0:
+                break
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64))
 
 
 def gptq_rows(w: Tensor, bits: int, clip: Tensor, hessian: Tensor, args: Hyperparameters) -> tuple[Tensor, Tensor]:
@@ -3010,16 +3026,23 @@ def check_shard_ids(file: Path, vocab_size: int) -> None:
                        "tokenizer do not match")
 
 
-def check_token_ids(files: list[Path], vocab_size: int) -> Callable[[], None]:
+def check_token_ids(files: list[Path], vocab_size: int) -> Callable[[bool], None]:
     """Start reading every shard's largest token id in background threads (while the model
-    compiles); the returned function waits for them and refuses a shard made for a larger vocab."""
+    compiles); the returned function waits for them and refuses a shard made for a larger vocab,
+    on every rank (`distributed`: the ranks share their verdicts) with the first one found."""
     pool = ThreadPoolExecutor(max_workers=4)
     checks = [pool.submit(check_shard_ids, f, vocab_size) for f in files]
     pool.shutdown(wait=False)
 
-    def wait() -> None:
-        for check in checks:
-            check.result()  # re-raises the shard's RunError
+    def wait(distributed: bool = False) -> None:
+        errors = [check.exception() for check in checks if check.exception() is not None]
+        problems = [str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}" for e in errors]
+        if distributed:
+            verdicts: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(verdicts, problems[:1])
+            problems = [problem for verdict in verdicts for problem in verdict]
+        if problems:
+            raise RunError(problems[0])
     return wait
 
 

@@ -14,7 +14,8 @@ bf16 autocast), each in its own folder under --work, read back through its log l
   phase's peak memory, compiled graphs and recompiles after warmup (which must be 0), and the first
   training losses of the phase.
 - mod, deq, seed_lora: a few steps of each PR #1783 system at the record width.
-- sliding_eval, ttt_eval: the score-first evaluations of a short run.
+- sliding_eval, ttt_eval: the score-first evaluations of a short run (TTT's graphs are compiled in
+  the warmup too: compile_stats, logged after the last evaluation, must count no recompile).
 - gptq: a few steps at the final depth, exported by GPTQ at int6 (QUANT_METHOD=gptq); the note gives
   its time (calibration and rounding) and the matrices it rounded.
 Data: the challenge's sp1024 shards and tokenizer under ./data when present (the validation split
@@ -112,8 +113,9 @@ def plan(smoke: bool) -> list[Check]:
         Check("deq", {**features, "DEQ": "1", "DEQ_WARMUP_STEPS": "2", "DEQ_ITERS": "4", "EVAL_DEQ_ITERS": "6"},
               (r"^deq_residual eval_deq_iters:6 residual:[\d.]+$",)),
         Check("seed_lora", {**features, "SEED_LORA_RANK": "4" if smoke else "64"}, (r"^seed_lora targets:mlp ",)),
-        Check("eval", {**features, "EVAL_STRIDE": stride, "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "64" if smoke else "256"},
-              (r"^final_sliding_window_exact ", r"^final_ttt_exact ")),
+        Check("eval", {**features, "EVAL_STRIDE": stride, "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "64" if smoke else "256",
+                       "TTT_SLIDING_SCORE": "1"},
+              (r"^final_sliding_window_exact ", r"^final_ttt_exact ", r"^ttt_adapted share:")),
         # GPTQ int6 at the final depth (at smoke width, an MLP wide enough to have matrices to round)
         Check("gptq", {**features, "NUM_LAYER_SCHEDULE": f"0:{depths[1]}", "QUANT_METHOD": "gptq", "QUANT_BITS": "6",
                        **({"MLP_MULT": "72", "MLP_LAYERS": "2", "GPTQ_CALIB_SEQS": "8"} if smoke else {})},

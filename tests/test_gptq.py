@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run_script, tiny_args, tiny_model
+from conftest import REPO, SHIM, child_env, run_script, tiny_args, tiny_model
 import train_gpt
 
 sys.path.insert(0, str(REPO / "data"))
@@ -134,6 +135,43 @@ def test_gptq_calibration_reads_no_validation_token(tmp_path, dataset):
         digests.append(hashlib.sha256((run / "artifacts" / "gptq" / "final_model.int6.ptz").read_bytes()).hexdigest())
         scores.append(re.search(r"^final_int6_zlib_roundtrip_exact val_loss:(\S+)", out, re.M).group(1))
     assert digests[0] == digests[1] and scores[0] != scores[1]
+
+
+def test_calibration_reads_the_streams_first_tokens_and_no_more(tmp_path, dataset):
+    files = train_gpt.train_shard_files(str(Path(dataset["DATA_PATH"]) / "fineweb_train_*.bin"))
+    total = sum(train_gpt.shard_token_count(f) for f in files)
+    for n in (257, total + 1000):  # a little, and past the end (the stream starts again)
+        assert torch.equal(train_gpt.first_tokens(files, n), train_gpt.TokenStream(files).take(n).long())
+    reads = []
+    fromfile = train_gpt.np.fromfile
+    train_gpt.np.fromfile = lambda *a, **k: (k["dtype"] == "<u2" and reads.append(k["count"])) or fromfile(*a, **k)
+    try:
+        train_gpt.first_tokens(files, 257)
+    finally:
+        train_gpt.np.fromfile = fromfile
+    assert reads == [257]  # tokens, not a whole shard (the header is read apart)
+
+
+def test_two_ranks_calibrate_and_round_once_on_rank_0(tmp_path, dataset):
+    script = tmp_path / "shim.py"
+    script.write_text(SHIM.format(repo=str(REPO), patch=(
+        "import os\n"
+        "hessians = train_gpt.gptq_hessians\n"
+        "def counted(*a, **k):\n"
+        "    open(f'gptq{os.environ[\"RANK\"]}.txt', 'w').close()\n"
+        "    return hessians(*a, **k)\n"
+        "train_gpt.gptq_hessians = counted")))
+    env = child_env({**dataset, "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "5",
+                     "NUM_LAYER_SCHEDULE": "0:1", "TRAIN_SEQ_LEN": "32", "TRAIN_BATCH_TOKENS": "2048",
+                     "VAL_BATCH_SIZE": "4096", "TORCH_COMPILE": "0", "WARMUP_STEPS": "0", "ITERATIONS": "1",
+                     "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "0", "QUANT_METHOD": "gptq",
+                     "QUANT_BITS": "6", "GPTQ_CALIB_SEQS": "8", "RUN_ID": "g", "OMP_NUM_THREADS": "1"})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "gptq0.txt").exists() and not (tmp_path / "gptq1.txt").exists()
+    assert re.search(r"^gptq calibration:train_tokens seqs:8 .* matrices:3 ", result.stdout, re.M)
+    assert re.search(r"^final_int6_zlib_roundtrip_exact ", result.stdout, re.M)  # both ranks scored its artifact
 
 
 def test_hessians_are_fp32_under_cudas_bf16_autocast(dataset, monkeypatch):

@@ -218,6 +218,36 @@ def test_out_of_vocab_training_shard_stops_the_run_before_training(tmp_path, dat
     assert "train_loss" not in result.stdout and not (tmp_path / "artifacts").exists()
 
 
+def test_only_each_nodes_local_rank_0_reads_the_training_shards_and_every_rank_hears_the_verdict(tmp_path, dataset):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in Path(dataset["DATA_PATH"]).glob("fineweb_*.bin"):
+        (data / f.name).write_bytes(f.read_bytes())
+    bad = sorted(data.glob("fineweb_train_*.bin"))[-1]
+    tokens = np.fromfile(bad, dtype="<u2", offset=1024)
+    tokens[-1] = 600
+    shard(bad, tokens)
+    script = tmp_path / "shim.py"
+    script.write_text(SHIM.format(repo=str(REPO), patch=(
+        "import os\n"
+        "scan = train_gpt.check_shard_ids\n"
+        "def counted(file, vocab_size):\n"
+        "    if 'train' in file.name:\n"
+        "        with open(f'scans{os.environ[\"LOCAL_RANK\"]}.txt', 'a') as f:\n"
+        "            f.write(file.name + '\\n')\n"
+        "    scan(file, vocab_size)\n"
+        "train_gpt.check_shard_ids = counted")))
+    env = child_env({**dataset, **TINY, "DATA_PATH": str(data), "ITERATIONS": "2", "RUN_ID": "v", "OMP_NUM_THREADS": "1"})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    error = f"error: {bad} holds token id 600, not below VOCAB_SIZE=512: the shards and the tokenizer do not match"
+    assert result.stderr.count(error) == 2, result.stderr[-3000:]  # both ranks stop with rank 0's verdict
+    assert sorted((tmp_path / "scans0.txt").read_text().split()) == sorted(p.name for p in data.glob("fineweb_train_*.bin"))
+    assert not (tmp_path / "scans1.txt").exists()
+    assert "train_loss" not in result.stdout and not (tmp_path / "artifacts").exists()
+
+
 # ---- scores -----------------------------------------------------------------------------------
 
 def test_a_nonfinite_training_loss_stops_the_run_without_an_artifact(tmp_path, dataset):
