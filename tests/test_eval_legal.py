@@ -72,6 +72,18 @@ def test_windows_score_every_position_once(n, seq_len, stride):
         assert (lo[1:] - start[1:] >= np.minimum(seq_len - stride, lo[1:] - floor)).all()
 
 
+def test_window_tables_are_uploaded_once_per_evaluation_not_per_batch(luts, monkeypatch):
+    # On CUDA each upload from pageable host memory synchronizes the stream; evaluation's loop
+    # should queue its batches without one.
+    model = tiny_model(randomize=True)
+    tokens = stream(1000)
+    uploads = []
+    from_numpy = torch.from_numpy
+    monkeypatch.setattr(train_gpt.torch, "from_numpy", lambda a: uploads.append(len(a)) or from_numpy(a))
+    train_gpt.evaluate(model, tokens, luts, 1, SEQ, 8, 8)  # 122 windows: 16 batches of 8
+    assert uploads == [122]
+
+
 def test_sliding_is_causal_and_covers_the_stream(luts):
     model = tiny_model(randomize=True)
     tokens = stream(1000)
