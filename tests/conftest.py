@@ -86,6 +86,12 @@ except train_gpt.RunError as e:
 """
 
 
-def run_patched(cwd: Path, env: dict, patch: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SHIM.format(repo=str(REPO), patch=patch)], cwd=cwd, text=True,
-                          capture_output=True, env=child_env({"OMP_NUM_THREADS": "2", **env}), timeout=timeout)
+def run_patched(cwd: Path, env: dict, patch: str, timeout: int = 300, nproc: int = 0) -> subprocess.CompletedProcess:
+    """The shim in `cwd`: one process, or `nproc` CPU processes under torchrun (which runs a file, shim.py)."""
+    code = SHIM.format(repo=str(REPO), patch=patch)
+    command = [sys.executable, "-c", code]
+    if nproc:
+        (cwd / "shim.py").write_text(code)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "shim.py"]
+    return subprocess.run(command, cwd=cwd, text=True, capture_output=True,
+                          env=child_env({"OMP_NUM_THREADS": "1" if nproc else "2", **env}), timeout=timeout)

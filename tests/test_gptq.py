@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, SHIM, child_env, run_script, tiny_args, tiny_model
+from conftest import REPO, run_patched, run_script, tiny_args, tiny_model
 import train_gpt
 
 sys.path.insert(0, str(REPO / "data"))
@@ -153,21 +152,17 @@ def test_calibration_reads_the_streams_first_tokens_and_no_more(tmp_path, datase
 
 
 def test_two_ranks_calibrate_and_round_once_on_rank_0(tmp_path, dataset):
-    script = tmp_path / "shim.py"
-    script.write_text(SHIM.format(repo=str(REPO), patch=(
-        "import os\n"
-        "hessians = train_gpt.gptq_hessians\n"
-        "def counted(*a, **k):\n"
-        "    open(f'gptq{os.environ[\"RANK\"]}.txt', 'w').close()\n"
-        "    return hessians(*a, **k)\n"
-        "train_gpt.gptq_hessians = counted")))
-    env = child_env({**dataset, "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "5",
-                     "NUM_LAYER_SCHEDULE": "0:1", "TRAIN_SEQ_LEN": "32", "TRAIN_BATCH_TOKENS": "2048",
-                     "VAL_BATCH_SIZE": "4096", "TORCH_COMPILE": "0", "WARMUP_STEPS": "0", "ITERATIONS": "1",
-                     "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "0", "QUANT_METHOD": "gptq",
-                     "QUANT_BITS": "6", "GPTQ_CALIB_SEQS": "8", "RUN_ID": "g", "OMP_NUM_THREADS": "1"})
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    patch = ("import os\n"
+             "hessians = train_gpt.gptq_hessians\n"
+             "def counted(*a, **k):\n"
+             "    open(f'gptq{os.environ[\"RANK\"]}.txt', 'w').close()\n"
+             "    return hessians(*a, **k)\n"
+             "train_gpt.gptq_hessians = counted")
+    env = {**dataset, "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "5", "NUM_LAYER_SCHEDULE": "0:1",
+           "TRAIN_SEQ_LEN": "32", "TRAIN_BATCH_TOKENS": "2048", "VAL_BATCH_SIZE": "4096", "TORCH_COMPILE": "0",
+           "WARMUP_STEPS": "0", "ITERATIONS": "1", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "0",
+           "QUANT_METHOD": "gptq", "QUANT_BITS": "6", "GPTQ_CALIB_SEQS": "8", "RUN_ID": "g"}
+    result = run_patched(tmp_path, env, patch, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "gptq0.txt").exists() and not (tmp_path / "gptq1.txt").exists()
     assert re.search(r"^gptq calibration:train_tokens seqs:8 .* matrices:3 ", result.stdout, re.M)

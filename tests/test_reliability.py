@@ -202,7 +202,8 @@ def test_empty_and_out_of_vocab_shards_are_refused_naming_the_file(tmp_path):
         train_gpt.load_validation_tokens(str(tmp_path / "fineweb_val_*.bin"), 2, 512)
 
 
-def test_out_of_vocab_training_shard_stops_the_run_before_training(tmp_path, dataset):
+def out_of_vocab_copy(tmp_path: Path, dataset: dict) -> tuple[Path, Path]:
+    """A copy of the dataset whose last training shard ends with token id 600 (VOCAB_SIZE is 512)."""
     data = tmp_path / "data"
     data.mkdir()
     for f in Path(dataset["DATA_PATH"]).glob("fineweb_*.bin"):
@@ -211,6 +212,11 @@ def test_out_of_vocab_training_shard_stops_the_run_before_training(tmp_path, dat
     tokens = np.fromfile(bad, dtype="<u2", offset=1024)
     tokens[-1] = 600
     shard(bad, tokens)
+    return data, bad
+
+
+def test_out_of_vocab_training_shard_stops_the_run_before_training(tmp_path, dataset):
+    data, bad = out_of_vocab_copy(tmp_path, dataset)
     result = run_script(tmp_path, {**dataset, **TINY, "DATA_PATH": str(data), "ITERATIONS": "2", "RUN_ID": "v"})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {bad} holds token id 600, not below VOCAB_SIZE=512: the shards "
@@ -219,27 +225,17 @@ def test_out_of_vocab_training_shard_stops_the_run_before_training(tmp_path, dat
 
 
 def test_only_each_nodes_local_rank_0_reads_the_training_shards_and_every_rank_hears_the_verdict(tmp_path, dataset):
-    data = tmp_path / "data"
-    data.mkdir()
-    for f in Path(dataset["DATA_PATH"]).glob("fineweb_*.bin"):
-        (data / f.name).write_bytes(f.read_bytes())
-    bad = sorted(data.glob("fineweb_train_*.bin"))[-1]
-    tokens = np.fromfile(bad, dtype="<u2", offset=1024)
-    tokens[-1] = 600
-    shard(bad, tokens)
-    script = tmp_path / "shim.py"
-    script.write_text(SHIM.format(repo=str(REPO), patch=(
-        "import os\n"
-        "scan = train_gpt.check_shard_ids\n"
-        "def counted(file, vocab_size):\n"
-        "    if 'train' in file.name:\n"
-        "        with open(f'scans{os.environ[\"LOCAL_RANK\"]}.txt', 'a') as f:\n"
-        "            f.write(file.name + '\\n')\n"
-        "    scan(file, vocab_size)\n"
-        "train_gpt.check_shard_ids = counted")))
-    env = child_env({**dataset, **TINY, "DATA_PATH": str(data), "ITERATIONS": "2", "RUN_ID": "v", "OMP_NUM_THREADS": "1"})
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    data, bad = out_of_vocab_copy(tmp_path, dataset)
+    patch = ("import os\n"
+             "scan = train_gpt.check_shard_ids\n"
+             "def counted(file, vocab_size):\n"
+             "    if 'train' in file.name:\n"
+             "        with open(f'scans{os.environ[\"LOCAL_RANK\"]}.txt', 'a') as f:\n"
+             "            f.write(file.name + '\\n')\n"
+             "    scan(file, vocab_size)\n"
+             "train_gpt.check_shard_ids = counted")
+    result = run_patched(tmp_path, {**dataset, **TINY, "DATA_PATH": str(data), "ITERATIONS": "2", "RUN_ID": "v"}, patch,
+                         nproc=2)
     assert result.returncode != 0
     error = f"error: {bad} holds token id 600, not below VOCAB_SIZE=512: the shards and the tokenizer do not match"
     assert result.stderr.count(error) == 2, result.stderr[-3000:]  # both ranks stop with rank 0's verdict
