@@ -2355,16 +2355,15 @@ def ttt_settings(h: Hyperparameters) -> None:
     check_choice("TTT_MODE", h.ttt_mode, ("lora", "full"))
     h.ttt_reset = h._get("TTT_RESET", "none" if h.ttt_mode == "full" else "doc")
     check_choice("TTT_RESET", h.ttt_reset, ("doc", "none"))
-    stream = h.ttt_reset == "none"
     h.ttt_rank = h._get("TTT_RANK", 8, "[1,)")
     h.ttt_lr = h._get("TTT_LR", 0.01, "[0,)")
     h.ttt_steps = h._get("TTT_STEPS", 1, "[1,)")
-    h.ttt_chunk_tokens = h._get("TTT_CHUNK_TOKENS", 32_768 if stream else 256, "[1,)")
+    h.ttt_chunk_tokens = h._get("TTT_CHUNK_TOKENS", 32_768 if h.ttt_reset == "none" else 256, "[1,)")
     h.ttt_batch_docs = h._get("TTT_BATCH_DOCS", 64, "[1,)")
     h.ttt_sliding_score = h._get("TTT_SLIDING_SCORE", False)
-    if h.ttt_mode == "full" and not stream:
+    if h.ttt_mode == "full" and h.ttt_reset == "doc":
         raise RunError("TTT_MODE=full adapts one copy of the weights, so it needs TTT_RESET=none")
-    if stream and h.ttt_chunk_tokens < h.eval_seq_len:
+    if h.ttt_reset == "none" and h.ttt_chunk_tokens < h.eval_seq_len:
         raise RunError(f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} is under EVAL_SEQ_LEN={h.eval_seq_len}: with "
                        "TTT_RESET=none one set of weights adapts over the stream, a step (with an all-reduce of its "
                        f"gradients) after each chunk, ~{FINEWEB_VAL_TOKENS // h.ttt_chunk_tokens:,} on FineWeb's "

@@ -299,9 +299,15 @@ def is_self(node: ast.AST, attr: str | None = None) -> bool:
 
 
 def default_value(node: ast.expr, known: dict):
-    """A default as written: a literal, a setting read before it (self.x), or min/max of those."""
+    """A default as written: a literal, a setting read before it (self.x), min/max of those, or one
+    of two of them chosen by whether two of them are equal (`a if self.x == "b" else c`)."""
     if is_self(node):
         return known[node.attr]
+    if isinstance(node, ast.IfExp) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1 \
+            and isinstance(node.test.ops[0], (ast.Eq, ast.NotEq)):
+        left, right = (default_value(n, known) for n in (node.test.left, node.test.comparators[0]))
+        chosen = (left == right) == isinstance(node.test.ops[0], ast.Eq)
+        return default_value(node.body if chosen else node.orelse, known)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max") \
             and len(node.args) >= 2 and not node.keywords:
         return {"min": min, "max": max}[node.func.id](*(default_value(a, known) for a in node.args))

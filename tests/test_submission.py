@@ -289,8 +289,10 @@ def test_defaults_are_read_from_the_source_as_written():
               "        self.a = self._get('A', 4)\n        self.b = self._get('B', self.a)\n"
               "        self.c = self._get('C', min(64, self.b))\n        self.d = self._get('D', str(uuid.uuid4()))\n"
               "        self.e = self._get('E', max(self.d, 1))\n        self.f = self._get('F', open('x').read())\n"
-              "        self.g = self._get('G', 2, '[0,)')\n")
-    assert submission.script_defaults(source, REPO) == {"a": "4", "b": "4", "c": "4", "g": "2"}
+              "        self.g = self._get('G', 2, '[0,)')\n"
+              "        self.h = self._get('H', 'x' if self.a == 4 else 'y')\n"
+              "        self.i = self._get('I', 1 if self.g != 2 else self.a)\n")
+    assert submission.script_defaults(source, REPO) == {"a": "4", "b": "4", "c": "4", "g": "2", "h": "x", "i": "4"}
     with pytest.raises(submission.SubmissionError, match="embedded code is not Python"):
         submission.script_defaults("def (:\n", REPO)
 
