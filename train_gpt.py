@@ -426,8 +426,9 @@ def shard_token_count(file: Path) -> int:
     return int(header[2])
 
 
-def load_data_shard(file: Path) -> Tensor:
-    n = shard_token_count(file)
+def load_data_shard(file: Path, limit: int | None = None) -> Tensor:
+    """The shard's tokens, or its first `limit` of them (read no further)."""
+    n = shard_token_count(file) if limit is None else min(limit, shard_token_count(file))
     return torch.from_numpy(np.fromfile(file, dtype="<u2", count=n, offset=4 * HEADER_INTS).astype(np.uint16))
 
 
@@ -2378,7 +2379,7 @@ EXTENSION_SETTINGS.append(ttt_settings)
 # inference mode, and only then, unless it is the last chunk, is the chunk trained on: its
 # positions in seq_len windows, context reaching back into already-scored tokens. Documents
 # ("lanes") adapt side by side with their own adapters; Adam's elementwise state keeps lanes
-# independent. Every batch, scoring or adapting, has EVAL_BATCH_SEQS windows of EVAL_SEQ_LEN: the
+# independent. Scoring batches and adapting batches each have one shape (ttt_batch_rows): their
 # graphs are compiled before the clock starts (prime_ttt), on synthetic tokens.
 
 
@@ -2471,7 +2472,7 @@ def ttt_batch_rows(args: Hyperparameters, world_size: int) -> tuple[int, int]:
     share of a chunk's windows), so that no call pads most of its batch with rows that score nothing."""
     if args.ttt_reset == "doc":
         return (min(args.eval_batch_seqs, args.ttt_batch_docs),) * 2
-    share = lambda size: min(args.eval_batch_seqs, -(-(-(-args.ttt_chunk_tokens // size)) // world_size))
+    share = lambda size: min(args.eval_batch_seqs, math.ceil(math.ceil(args.ttt_chunk_tokens / size) / world_size))
     return share(args.eval_stride or args.eval_seq_len), share(args.eval_seq_len)
 
 
@@ -2645,14 +2646,14 @@ def gptq_hessians(model: GPT, args: Hyperparameters, train_files: list[Path], de
 def first_tokens(files: list[Path], n: int) -> Tensor:
     """The first `n` tokens of the training stream (the shards in order, again from the first at
     the end), reading no more of a shard than they need."""
-    parts: list[np.ndarray] = []
+    parts: list[Tensor] = []
     while n > 0:
         for f in files:
-            parts.append(np.fromfile(f, dtype="<u2", count=min(n, shard_token_count(f)), offset=4 * HEADER_INTS))
+            parts.append(load_data_shard(f, n))
             n -= len(parts[-1])
             if n <= 0:
                 break
-    return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    return torch.cat(parts).long()
 
 
 def gptq_rows(w: Tensor, bits: int, clip: Tensor, hessian: Tensor, args: Hyperparameters) -> tuple[Tensor, Tensor]:
@@ -2838,12 +2839,10 @@ def resume_checkpoint(args: Hyperparameters, world_size: int, code: str) -> dict
     (its path, step, run, log length and sha256; read_checkpoint gives every rank its state).
     Refuses checkpoints this run would mix with (RESUME_FROM=latest and pruning would confuse them),
     and removes a checkpoint write a crash interrupted."""
-    path = resolve_resume(args)
+    path, ckpt = resolve_resume(args), None
     if path:
-        ckpt = load_checkpoint(path, args, world_size, code)
-        ckpt = {k: ckpt[k] for k in ("step", "run_id", "log_bytes")} | {"path": str(path), "sha256": file_sha256(path)}
-    else:
-        ckpt = None
+        ckpt = {k: v for k, v in load_checkpoint(path, args, world_size, code).items() if k in ("step", "run_id", "log_bytes")}
+        ckpt |= {"path": str(path), "sha256": file_sha256(path)}
     directory = Path("checkpoints", args.run_id)
     own = ckpt is not None and path.parent.resolve() == directory.resolve()
     found = [p.name for p in checkpoint_files(directory) if not own or checkpoint_step(p) > ckpt["step"]]
@@ -2914,10 +2913,8 @@ def read_checkpoint(header: dict, run: Run) -> tuple[dict, str]:
         everywhere = torch.tensor(float(local), device=run.device)
         dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
         local = bool(everywhere.item())
-    if local:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), "file"
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if run.master else None
-    return broadcast_tree(state, run.master, run.device), "broadcast"
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if local or run.master else None
+    return (state, "file") if local else (broadcast_tree(state, run.master, run.device), "broadcast")
 
 
 def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> tuple[Path, int]:
@@ -3034,7 +3031,7 @@ def check_token_ids(files: list[Path], vocab_size: int) -> Callable[[bool], None
     pool.shutdown(wait=False)
 
     def wait(distributed: bool = False) -> None:
-        errors = [check.exception() for check in checks if check.exception() is not None]
+        errors = [e for e in (check.exception() for check in checks) if e is not None]
         problems = [str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}" for e in errors]
         if distributed:
             verdicts: list[list[str]] = [[] for _ in range(dist.get_world_size())]

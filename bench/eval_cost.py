@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import math
 import os
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ RANKS = 8
 
 def padded(windows: int, batch: int) -> int:
     """Window forwards, over all ranks, of one call scoring `windows` split over RANKS ranks."""
-    return RANKS * batch * -(-(-(-windows // RANKS)) // batch)
+    return RANKS * batch * math.ceil(math.ceil(windows / RANKS) / batch)
 
 
 def ttt_forwards(lengths: list[int], args: train_gpt.Hyperparameters) -> int:
@@ -66,7 +67,7 @@ def ttt_forwards(lengths: list[int], args: train_gpt.Hyperparameters) -> int:
             calls = [(len(score), 1, score_batch)] + ([] if train is None else [(len(train), 3 * args.ttt_steps, train_batch)])
             for windows, cost, batch in calls:
                 if args.ttt_reset == "doc":
-                    busy[g % RANKS] += cost * batch * -(-windows // batch)
+                    busy[g % RANKS] += cost * batch * math.ceil(windows / batch)
                 else:
                     busy = [b + cost * padded(windows, batch) // RANKS for b in busy]
     return RANKS * max(busy)
