@@ -11,12 +11,11 @@ process (CUDA when present, else CPU with gloo; TORCH_COMPILE=0 skips compilatio
 launches the file `records/submission.py pack` writes: a run counts the bytes of the file it runs.
 
 Sections, in the order data flows: hyperparameters, optimizer, data, model, quantization and
-export, evaluation, training; then the optional systems (U-Net skips, step warmdown, hash n-gram
-embeddings, Seed-LoRA, Mixture-of-Depths, DEQ, test-time training, GPTQ, EMA, checkpoints, the size
-guard, deeper input checks), each one marked block, plugged into the core by hook lines marked with
-its name.
-`records/submission.py strip train_gpt.py -o OUT --keep NAME ...` deletes the systems not named,
-blocks and hooks.
+export, evaluation, training; then the optional systems (`records/submission.py strip --list
+train_gpt.py` lists them). Each is one marked block, which registers what it adds (settings
+readers, parameter roles, layer kinds, state) in the core's registries, plus hook lines in the core
+marked with its name: `records/submission.py strip train_gpt.py -o OUT --keep NAME ...` deletes the
+systems not named, blocks and hooks.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import copy
 # >>> input_checks
 import difflib
 # <<< input_checks
+import functools
 import glob
 import hashlib
 import io
@@ -67,6 +67,9 @@ class RunError(Exception):
 # system reads its own knobs: its block appends its reader to EXTENSION_SETTINGS.
 
 EXTENSION_SETTINGS: list[Callable[[Hyperparameters], None]] = []
+# Settings a run may change when it continues another: names, and what only evaluation and logging read.
+RESUMABLE_SETTINGS = {"run_id", "val_loss_every", "train_log_every", "val_batch_size", "eval_seq_len", "eval_stride",
+                      "eval_batch_seqs"}
 COMPRESSORS = ("zlib", "zstd", "lzma")  # COMPRESSOR's choices (see compress)
 CODE_BITS = (4, 5, 6, 7, 8)  # the code widths of the export's grid
 
@@ -120,7 +123,7 @@ class Hyperparameters:
         self.num_layer_schedule = self._get("NUM_LAYER_SCHEDULE", "0:2,2000:6")
         # Unique blocks before and after the shared core: the layer stack is NUM_STEM_BLOCKS, then
         # the core's passes, then NUM_TAIL_BLOCKS. 0 and 0 is PR #1088; 4, "0:1" and 4 (one
-        # attention, MLP x2, no norm biases, U-Net skips, tied embeddings, width 512) is the
+        # attention, MLP x2, no norm biases, tied embeddings, width 512) is the
         # challenge's 9-layer baseline.
         self.num_stem_blocks = self._get("NUM_STEM_BLOCKS", 0, "[0,)")
         self.num_tail_blocks = self._get("NUM_TAIL_BLOCKS", 0, "[0,)")
@@ -208,33 +211,16 @@ class Hyperparameters:
         return os.path.join(self.data_path, "fineweb_val_*.bin")
 
     @property
-    def layer_schedule(self) -> list[tuple[int, int]]:
+    def layer_schedule(self) -> tuple[tuple[int, int], ...]:
         return parse_layer_schedule(self.num_layer_schedule)
 
     @property
     def max_depth(self) -> int:
         return max(depth for _, depth in self.layer_schedule)
 
-    def depth_at(self, step: int) -> int:
-        """The depth argument of the model at `step`."""
-        # >>> deq
-        if self.deq and step >= self.deq_warmup_steps:
-            return DEQ_SOLVE
-        # <<< deq
-        return depth_at(self.layer_schedule, step)
-
-    def pass_cost(self, depth: int) -> float:
-        # Relative step cost, to guess a new phase's step time.
-        core = depth
-        # >>> deq
-        if self.deq and depth == DEQ_SOLVE:  # a no-grad solver iteration is about a third of a pass with its backward
-            core = self.deq_iters / 3 + self.phantom_steps
-        # <<< deq
-        return self.num_stem_blocks + self.num_tail_blocks + core
-
     def validate(self, world_size: int = 1, device_type: str = "cpu") -> None:
         """Turn every bad combination, for this world size and device, into one RunError naming the variable."""
-        self.layer_schedule  # parses and validates
+        run_stages(self)  # parses NUM_LAYER_SCHEDULE and builds every stage's plan, which a system may refuse
         if self.model_dim % self.num_heads:
             raise RunError(f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
         head_dim = self.model_dim // self.num_heads
@@ -272,25 +258,13 @@ def check_choice(name: str, value: object, choices: tuple) -> None:
         raise RunError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
 
 
-def known_settings() -> set[str]:
-    """Every environment variable Hyperparameters reads."""
-    names: set[str] = set()
-
-    class Recorder(dict):
-        def get(self, key, default=None):
-            names.add(key)
-            return default
-
-    Hyperparameters(Recorder())
-    return names
-
-
 def grad_accum_steps(world_size: int) -> int:
     # The global batch is that of 8 GPUs: fewer ranks accumulate, more (multi-node) split it.
     return max(8 // world_size, 1)
 
 
-def parse_layer_schedule(text: str) -> list[tuple[int, int]]:
+@functools.cache
+def parse_layer_schedule(text: str) -> tuple[tuple[int, int], ...]:
     phases: list[tuple[int, int]] = []
     for item in text.split(","):
         try:
@@ -304,11 +278,7 @@ def parse_layer_schedule(text: str) -> list[tuple[int, int]]:
         phases.append((step, depth))
     if phases[0][0] != 0:
         raise RunError(f"NUM_LAYER_SCHEDULE={text!r} must start with step 0")
-    return phases
-
-
-def depth_at(schedule: list[tuple[int, int]], step: int) -> int:
-    return [depth for start, depth in schedule if start <= step][-1]
+    return tuple(phases)
 
 
 # -----------------------------
@@ -334,7 +304,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 10, eps: float = 1e-7) -
 class Muon(torch.optim.Optimizer):
     # Each rank orthogonalizes every world_size-th matrix; one all-reduce shares the updates. Every
     # rank keeps every matrix's momentum: the gradients are all-reduced, so the buffers are the same
-    # on all ranks, and rank 0's state (what a checkpoint saves) resumes each of them.
+    # on all ranks, and rank 0's state_dict restores each of them.
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
 
@@ -373,7 +343,7 @@ class Muon(torch.optim.Optimizer):
 
 
 class RowAdam(torch.optim.Optimizer):
-    # Adam for the small parameters (the per-layer controls, gains, skip weights) in which each row
+    # Adam for the small parameters (the per-layer controls and gains) in which each row
     # counts its own steps. A row of a layer the current plan does not run has a zero gradient; as
     # PR #1088's separate per-depth parameters, which then have no gradient at all, it keeps no
     # state: no step counted, no moment decayed, no update. So a row first used at depth 6 after
@@ -533,15 +503,11 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device: tor
     return ByteLUTs(*(torch.tensor(a, device=device) for a in (base_bytes, has_space, is_boundary)))
 
 
-def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tensor:
+def load_validation_tokens(pattern: str, seq_len: int) -> Tensor:
     # The challenge's validation split is the fixed first 50k documents, written to fineweb_val_*.
     files = sorted(glob.glob(pattern))
     if not files:
         raise RunError(f"DATA_PATH has no validation shards matching {pattern}")
-    # >>> input_checks
-    for f in files:
-        check_shard_ids(Path(f), vocab_size)
-    # <<< input_checks
     tokens = torch.cat([load_data_shard(Path(f)) for f in files])
     usable = ((tokens.numel() - 1) // seq_len) * seq_len
     if usable <= 0:
@@ -559,7 +525,11 @@ def load_inputs(args: Hyperparameters, device: torch.device) -> tuple[list[Path]
         raise RunError(f"VOCAB_SIZE={args.vocab_size} does not match tokenizer vocab_size={int(sp.vocab_size())} "
                        f"of TOKENIZER_PATH={args.tokenizer_path}")
     train_files = train_shard_files(args.train_files)
-    val_tokens = load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
+    # >>> input_checks
+    for f in sorted(glob.glob(args.val_files)):
+        check_shard_ids(Path(f), args.vocab_size)
+    # <<< input_checks
+    val_tokens = load_validation_tokens(args.val_files, args.train_seq_len)
     return train_files, val_tokens, build_byte_luts(sp, args.vocab_size, device)
 
 
@@ -607,9 +577,19 @@ def quantize_rows(w: Tensor, bits: int, clip: Tensor) -> tuple[Tensor, Tensor]:
 
 class QAT(NamedTuple):
     gate: Tensor  # 0.0 until QAT_START_FRAC, then 1.0: a tensor, so turning QAT on never recompiles
-    bits: Mapping[str, int]  # the export's code width of each kind of matrix ("attn", "mlp")
+    bits: Mapping[str, int]  # the export's code width of each class of matrix ("attn", "mlp")
     sigmas: float
     mode: str  # QAT_MODE
+
+
+class Mode(NamedTuple):
+    """How one forward runs, beyond the weights and the layer plan: passed in, so the model reads no
+    training or export setting."""
+    qat: QAT | None = None  # training's fake quantization
+    training: bool = False  # a layer kind's training variant
+    # >>> ttt
+    adapters: dict[str, tuple[Tensor, Tensor]] | None = None  # TTT's per-sequence LoRA, by ttt_key
+    # <<< ttt
 
 
 class CastedLinear(nn.Linear):
@@ -618,15 +598,15 @@ class CastedLinear(nn.Linear):
     # recurrence would otherwise amplify. noise: uniform noise of one step of row max / qmax (PR
     # #1088's noisy QAT from PR #363, no floor; the gradient reaches w unchanged). grid_noise: one
     # step of the export's own grid (its clip floor or SDClip). ste: the export's rounded weight
-    # with a straight-through gradient. `kind` names the export class whose width QAT trains for.
-    def __init__(self, in_features: int, out_features: int, kind: str = "mlp"):
+    # with a straight-through gradient. `quant_class` names the export class whose width QAT trains for.
+    def __init__(self, in_features: int, out_features: int, quant_class: str = "mlp"):
         super().__init__(in_features, out_features, bias=False)
-        self.kind = kind
+        self.quant_class = quant_class
 
-    def forward(self, x: Tensor, qat: QAT | None = None) -> Tensor:
-        w = self.weight
+    def forward(self, x: Tensor, mode: Mode = Mode()) -> Tensor:
+        w, qat = self.weight, mode.qat
         if qat is not None and w.numel() > KEEP_FLOAT_MAX_NUMEL:
-            bits = qat.bits[self.kind]
+            bits = qat.bits[self.quant_class]
             if qat.mode == "noise":
                 step = w.detach().abs().amax(dim=1, keepdim=True) / qmax(bits)
             else:
@@ -635,14 +615,6 @@ class CastedLinear(nn.Linear):
             delta = codes * step - w.detach() if qat.mode == "ste" else (torch.rand_like(w) - 0.5) * step
             w = w + qat.gate * delta
         return F.linear(x, w.to(x.dtype))
-
-
-def add_lora(y: Tensor, x: Tensor, lora: tuple[Tensor, Tensor] | None) -> Tensor:
-    # y + x @ A^T @ B^T with one adapter pair per sequence (TTT's per-document LoRA).
-    if lora is None:
-        return y
-    a, b = lora
-    return y + torch.bmm(torch.bmm(x, a.mT.to(x.dtype)), b.mT.to(x.dtype))
 
 
 def rms_norm(x: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -678,16 +650,19 @@ class CausalSelfAttention(nn.Module):
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qat: QAT | None,
-                lora_q: tuple[Tensor, Tensor] | None = None, lora_v: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mode: Mode) -> Tensor:
         bsz, seq_len, dim = x.shape
-        q = add_lora(self.c_q(x, qat), x, lora_q).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x, qat).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = add_lora(self.c_v(x, qat), x, lora_v).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.c_q(x, mode), self.c_k(x, mode), self.c_v(x, mode)
+        # >>> ttt
+        q, v = add_lora(q, x, mode, f"{self.ttt_key}.c_q"), add_lora(v, x, mode, f"{self.ttt_key}.c_v")
+        # <<< ttt
+        q = q.view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(rms_norm(q), *rope) * self.q_gain.to(x.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), *rope)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim), qat)
+        return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim), mode)
 
 
 class MLP(nn.Module):
@@ -700,11 +675,11 @@ class MLP(nn.Module):
         self.proj = linear(hidden, dim)
         self.proj._zero_init = True
 
-    def forward(self, x: Tensor, qat: QAT | None) -> Tensor:
-        x = torch.relu(self.fc(x, qat)).square()
+    def forward(self, x: Tensor, mode: Mode) -> Tensor:
+        x = torch.relu(self.fc(x, mode)).square()
         for mid in self.mids:
-            x = torch.relu(mid(x, qat)).square()
-        return self.proj(x, qat)
+            x = torch.relu(mid(x, mode)).square()
+        return self.proj(x, mode)
 
 
 class DepthControl(NamedTuple):
@@ -720,14 +695,18 @@ class DepthControls(nn.Module):
     # pre-norm bias acts as a depth embedding; PR #1088's author found it is what makes one shared
     # block work. Indexing a row keeps every parameter in the graph, so DDP sees no unused
     # parameters at shallow depths.
-    def __init__(self, rows: int, attn_per_block: int, dim: int, norm_bias: bool):
+    def __init__(self, rows: int, args: Hyperparameters):
         super().__init__()
+        attn_per_block, dim, norm_bias = args.attn_per_block, args.model_dim, args.norm_bias
         self.rows = rows
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(rows, dim), torch.zeros(rows, dim)], dim=1))
         self.attn_scale = nn.Parameter(torch.ones(rows, attn_per_block, dim))
         self.mlp_scale = nn.Parameter(torch.ones(rows, dim))
         self.attn_norm_bias = nn.Parameter(torch.zeros(rows, attn_per_block, dim)) if norm_bias else None
         self.mlp_norm_bias = nn.Parameter(torch.zeros(rows, dim)) if norm_bias else None
+        # >>> mod
+        self.router = nn.Parameter(torch.zeros(rows, dim)) if args.mod_capacity else None  # each layer's router
+        # <<< mod
 
     def at(self, row: int) -> DepthControl:
         get = (lambda p: None if p is None else p[row])
@@ -738,7 +717,7 @@ class DepthControls(nn.Module):
 class Block(nn.Module):
     # Residual mix with the embedding, ATTN_PER_BLOCK attention sublayers, then the MLP; each
     # sublayer is pre-norm with the layer's bias and adds its output times the layer's scale.
-    # `linear(kind)` makes the block's matrices of a kind ("attn", "mlp").
+    # `linear(quant_class)` makes the block's matrices of an export class ("attn", "mlp").
     def __init__(self, args: Hyperparameters, linear: Callable[[str], LinearFactory]):
         super().__init__()
         dim = args.model_dim
@@ -746,71 +725,91 @@ class Block(nn.Module):
                                     for _ in range(args.attn_per_block)])
         self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_layers, linear("mlp"))
 
-    def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], qat: QAT | None,
-                lora: dict[str, tuple[Tensor, Tensor]] | None = None) -> Tensor:
-        lora = lora or {}
+    def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], mode: Mode) -> Tensor:
         mix = c.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         for i, attn in enumerate(self.attns):
             bias = None if c.attn_norm_bias is None else c.attn_norm_bias[i]
-            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, qat, lora.get(f"q{i}"), lora.get(f"v{i}"))
-        return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias), qat)
+            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, mode)
+        return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias), mode)
 
 
 class Layer(NamedTuple):
-    """One step of the stack: GPT's block `block` with DepthControls row `row`, run as `kind`."""
-    kind: str  # "block"; the extensions add "routed" (Mixture-of-Depths) and "solve" (DEQ)
-    block: str  # "stem.0", "block" (the shared core), "decoder_block" (UNET_WEIGHTS=2), "tail.0"
+    """One layer of the stack: GPT's block `block` with DepthControls row `row`, run by LAYER_KINDS[kind]."""
+    kind: str  # "plain" (the core's); an optional system registers its own kinds
+    block: str  # "stem.0", "block" (the shared core), "tail.0"
     row: int
-    pop: int = -1  # U-Net: first add skip_weights[pop] times the last kept skip (-1: none)
-    push: bool = False  # U-Net: keep the output as a skip
+    # >>> unet
+    pop: int = -1  # first add skip_weights[pop] times the last kept skip (-1: none)
+    push: bool = False  # keep the output as a skip
+    # <<< unet
 
     def __str__(self) -> str:
-        kind = "" if self.kind == "block" else f":{self.kind}"
-        return f"{'' if self.pop < 0 else f'skip{self.pop}+'}{self.block}@{self.row}{kind}{'>skip' if self.push else ''}"
+        text = f"{self.block}@{self.row}" + ("" if self.kind == "plain" else f":{self.kind}")
+        # >>> unet
+        text = f"{'' if self.pop < 0 else f'skip{self.pop}+'}{text}{'>skip' if self.push else ''}"
+        # <<< unet
+        return text
 
 
-def layer_plan(args: Hyperparameters, depth: int) -> list[Layer]:
+class LayerKind(NamedTuple):
+    # run(model, layer, x, x0, rope, mode) -> (x, reports): the layer's output and the scalars or
+    # per-position tensors it reports (same-named reports of several layers add up).
+    run: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    cost: Callable[[Hyperparameters], float]  # a training step's time in the layer, in plain layers
+
+
+LAYER_KINDS: dict[str, LayerKind] = {}  # the forward dispatches each layer through its kind
+
+
+def layer_plan(args: Hyperparameters, depth: int) -> tuple[Layer, ...]:
     """The stack at `depth`: the stem's blocks, `depth` passes of the shared core, then the tail's
-    blocks, with their control rows, kinds and skips."""
+    blocks, with their control rows and kinds."""
     stem, tail = args.num_stem_blocks, args.num_tail_blocks
-    core, core_rows = [Layer("block", "block", stem + d) for d in range(depth)], args.max_depth
+    core, core_rows = [Layer("plain", "block", stem + d) for d in range(depth)], args.max_depth
     # >>> mod
     if args.mod_capacity:  # every MOD_EVERY-th pass is routed
         core = [layer._replace(kind="routed") if d % args.mod_every == args.mod_every - 1 else layer
                 for d, layer in enumerate(core)]
     # <<< mod
     # >>> deq
-    if args.deq:  # the passes share one row; at DEQ_SOLVE one solved layer replaces them
-        core, core_rows = [Layer("solve" if depth == DEQ_SOLVE else "block", "block", stem)] * max(depth, 1), 1
+    if args.deq:  # the unrolled passes share one row
+        core, core_rows = [layer._replace(row=stem) for layer in core], 1
     # <<< deq
-    plan = ([Layer("block", f"stem.{i}", i) for i in range(stem)] + core
-            + [Layer("block", f"tail.{j}", stem + core_rows + j) for j in range(tail)])
+    plan = ([Layer("plain", f"stem.{i}", i) for i in range(stem)] + core
+            + [Layer("plain", f"tail.{j}", stem + core_rows + j) for j in range(tail)])
     # >>> unet
     plan = unet_plan(args, plan)
     # <<< unet
-    return plan
+    return tuple(plan)
 
 
-def scheduled_depths(args: Hyperparameters) -> list[int]:
-    """Every depth argument a run passes to the model."""
-    depths = {depth for _, depth in args.layer_schedule}
+class Stage(NamedTuple):
+    """From training step `start` on, `depth` passes of the core, run as `plan`."""
+    start: int
+    depth: int
+    plan: tuple[Layer, ...]
+
+    def __str__(self) -> str:
+        return f"layer_plan depth:{self.depth} layers:{len(self.plan)} " + " ".join(map(str, self.plan))
+
+
+def run_stages(args: Hyperparameters) -> list[Stage]:
+    """The run's stages: one per phase of NUM_LAYER_SCHEDULE (a system may split one). A layer of a
+    kind not in LAYER_KINDS is refused."""
+    stages = [Stage(start, depth, layer_plan(args, depth)) for start, depth in args.layer_schedule]
     # >>> deq
-    depths |= {DEQ_SOLVE} if args.deq else set()
+    stages = deq_stages(args, stages)
     # <<< deq
-    return sorted(depths)
+    for stage in stages:
+        for layer in stage.plan:
+            if layer.kind not in LAYER_KINDS:
+                raise RunError(f"{stage}: layer kind {layer.kind!r} is not one of {', '.join(LAYER_KINDS)}")
+    return stages
 
 
-def describe_plan(depth: int, plan: list[Layer]) -> str:
-    return f"layer_plan depth:{depth} layers:{len(plan)} " + " ".join(map(str, plan))
-
-
-class Mode(NamedTuple):
-    """How one forward runs, beyond the weights and the depth: passed in, so the model reads no
-    training or export setting."""
-    qat: QAT | None = None  # training's fake quantization
-    training: bool = False  # a layer kind's training variant: top-k routing (and its loss), the training solve
-    adapters: dict[str, dict[str, tuple[Tensor, Tensor]]] | None = None  # TTT's per-sequence LoRA, by block name
+def stage_cost(args: Hyperparameters, stage: Stage) -> float:
+    return sum(LAYER_KINDS[layer.kind].cost(args) for layer in stage.plan)
 
 
 class GPT(nn.Module):
@@ -821,7 +820,7 @@ class GPT(nn.Module):
         # >>> hash_embed
         self.hash_emb = HashEmbedding(args) if args.bigram_table_size or args.trigram_table_size else None
         # <<< hash_embed
-        linear = lambda kind: lambda i, o: CastedLinear(i, o, kind)
+        linear = lambda quant_class: lambda i, o: CastedLinear(i, o, quant_class)
         # >>> seed_lora
         linear = seed_lora_linears(args, linear)
         # <<< seed_lora
@@ -831,13 +830,9 @@ class GPT(nn.Module):
         self.decoder_block = Block(args, linear) if args.unet_weights == 2 else None
         # <<< unet
         self.tail = nn.ModuleList([Block(args, linear) for _ in range(args.num_tail_blocks)])
-        plans = {depth: layer_plan(args, depth) for depth in scheduled_depths(args)}
-        rows = 1 + max(layer.row for plan in plans.values() for layer in plan)
-        self.controls = DepthControls(rows, args.attn_per_block, args.model_dim, args.norm_bias)
-        # >>> mod
-        if args.mod_capacity:  # each layer's router: a row of the controls
-            self.controls.router = nn.Parameter(torch.zeros(rows, args.model_dim))
-        # <<< mod
+        stages = run_stages(args)
+        rows = 1 + max(layer.row for stage in stages for layer in stage.plan)
+        self.controls = DepthControls(rows, args)
         # >>> unet
         layers = len(self.stem) + args.max_depth + len(self.tail)
         self.skip_weights = nn.Parameter(torch.ones(layers // 2, args.model_dim)) if args.unet_skips else None
@@ -850,17 +845,23 @@ class GPT(nn.Module):
         for module in self.modules():
             if getattr(module, "_zero_init", False) and isinstance(module, CastedLinear):
                 nn.init.zeros_(module.weight)
-        for depth, plan in plans.items():
-            self.check_plan(depth, plan)
+        for stage in stages:
+            self.check_plan(stage)
+        # >>> ttt
+        name_attentions(self)
+        # <<< ttt
 
     def block_named(self, name: str) -> Block:
         part, _, index = name.partition(".")
         return getattr(self, part)[int(index)] if index else getattr(self, part)
 
-    def check_plan(self, depth: int, plan: list[Layer]) -> None:
-        """Refuse a plan that names a block or control row the model lacks, or pops a skip never kept."""
-        blocks, kept, popped = dict(self.named_modules()), 0, set()
-        for i, layer in enumerate(plan):
+    def check_plan(self, stage: Stage) -> None:
+        """Refuse a plan that names a block or control row the model lacks."""
+        blocks = dict(self.named_modules())
+        # >>> unet
+        kept, popped = 0, set()
+        # <<< unet
+        for i, layer in enumerate(stage.plan):
             if not 0 <= layer.row < self.controls.rows:
                 problem = f"control row {layer.row} of {self.controls.rows}"
             elif not isinstance(blocks.get(layer.block), Block):
@@ -870,15 +871,17 @@ class GPT(nn.Module):
                 problem = f"skip weight {layer.pop} and a kept skip"
             # <<< unet
             else:
+                # >>> unet
                 popped |= {layer.pop} - {-1}
                 kept += layer.push
+                # <<< unet
                 continue
-            raise RunError(f"{describe_plan(depth, plan)}: layer {i} needs {problem}, which the model does not have")
+            raise RunError(f"{stage}: layer {i} needs {problem}, which the model does not have")
 
-    def used_rows(self, depth: int) -> dict[Tensor, Tensor]:
-        """The rows that the plan at `depth` uses of each parameter indexed by its layers, as [rows]
-        bools: the controls' rows (RowAdam keeps the others' state as it is)."""
-        plan, rows = layer_plan(self.args, depth), torch.zeros(self.controls.rows, dtype=torch.bool)
+    def used_rows(self, plan: tuple[Layer, ...]) -> dict[Tensor, Tensor]:
+        """The rows that `plan` uses of each parameter indexed by its layers, as [rows] bools: the
+        controls' rows (RowAdam keeps the others' state as it is)."""
+        rows = torch.zeros(self.controls.rows, dtype=torch.bool)
         rows[[layer.row for layer in plan]] = True
         used = {p: rows for p in self.controls.parameters()}
         # >>> unet
@@ -888,11 +891,11 @@ class GPT(nn.Module):
         # <<< unet
         return used
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int, mode: Mode = Mode()) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-position next-token loss in nats, shape [batch, seq], through the layer plan at `depth`,
-        and what its layers report: a Mixture-of-Depths router loss per position to add to training's
-        ("router_loss"), the relative residual of a DEQ solve ("deq_residual")."""
-        args, adapters = self.args, mode.adapters or {}
+    def forward(self, input_ids: Tensor, target_ids: Tensor, plan: tuple[Layer, ...],
+                mode: Mode = Mode()) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-position next-token loss in nats, shape [batch, seq], through the layers of `plan`, and
+        what the layers report (see LayerKind)."""
+        args = self.args
         x = self.tok_emb(input_ids)
         # >>> hash_embed
         if self.hash_emb is not None:
@@ -904,34 +907,34 @@ class GPT(nn.Module):
         # >>> unet
         skips: list[Tensor] = []
         # <<< unet
-        for layer in layer_plan(args, depth):
+        for layer in plan:
             # >>> unet
             if layer.pop >= 0:
                 x = x + self.skip_weights[layer.pop].to(x.dtype) * skips.pop()
             # <<< unet
-            block, c, lora = self.block_named(layer.block), self.controls.at(layer.row), adapters.get(layer.block)
-            if layer.kind == "block":
-                x = block(x, x0, c, rope, mode.qat, lora)
-            # >>> mod
-            if layer.kind == "routed":
-                x, loss = routed_pass(self, block, x, x0, c, self.controls.router[layer.row], rope, mode, lora)
-                if loss is not None:
-                    reports["router_loss"] = reports["router_loss"] + loss if "router_loss" in reports else loss
-            # <<< mod
-            # >>> deq
-            if layer.kind == "solve":
-                x, reports["deq_residual"] = deq_solve(self, x, c, rope, mode, lora)
-            # <<< deq
+            x, layer_reports = LAYER_KINDS[layer.kind].run(self, layer, x, x0, rope, mode)
+            for k, v in layer_reports.items():
+                reports[k] = reports[k] + v if k in reports else v
             # >>> unet
             if layer.push:
                 skips.append(x)
             # <<< unet
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
-        logits = add_lora(logits, x, adapters.get("head", {}).get("head"))
+        # >>> ttt
+        logits = add_lora(logits, x, mode, "head")
+        # <<< ttt
         logits = args.logit_softcap * torch.tanh(logits.float() / args.logit_softcap)
         nats = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
         return nats, reports
+
+
+def plain_layer(model: GPT, layer: Layer, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor],
+                mode: Mode) -> tuple[Tensor, dict[str, Tensor]]:
+    return model.block_named(layer.block)(x, x0, model.controls.at(layer.row), rope, mode), {}
+
+
+LAYER_KINDS["plain"] = LayerKind(plain_layer, cost=lambda _args: 1.0)
 
 
 CPU_AUTOCAST = False  # set once by main() from AUTOCAST=bf16, before anything is compiled
@@ -1018,8 +1021,8 @@ def from_byte_planes(planes: Tensor) -> Tensor:
 
 
 def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters,
-                        rounded: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, object]:
-    """The artifact object: codes rounded to nearest, except those `rounded` gives (codes, steps)
+                        given_codes: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, object]:
+    """The artifact object: codes rounded to nearest, except those `given_codes` gives (codes, steps)
     for; steps and float tensors as byte planes."""
     quantized, steps, bits, dtypes, passthrough = {}, {}, {}, {}, {}
     for name, tensor in state.items():
@@ -1032,7 +1035,7 @@ def quantize_state_dict(state: dict[str, Tensor], args: Hyperparameters,
             passthrough[name] = byte_planes(kept) if t.is_floating_point() else kept
             continue
         rows = t.reshape(-1, t.size(-1))
-        given = rounded and rounded.get(name)
+        given = given_codes and given_codes.get(name)
         codes, step = given or quantize_rows(rows, spec[0], row_clip(rows, spec[1]))
         quantized[name], steps[name], bits[name] = codes.to(torch.int8).view_as(t), byte_planes(step), spec[0]
     return {"__quant_format__": QUANT_FORMAT, "quantized": quantized, "steps": steps, "bits": bits,
@@ -1116,9 +1119,9 @@ def format_name(args: Hyperparameters) -> str:
 
 
 def serialize_artifact(state: dict[str, Tensor], args: Hyperparameters,
-                       rounded: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> bytes:
+                       given_codes: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> bytes:
     buf = io.BytesIO()
-    torch.save(quantize_state_dict(state, args, rounded), buf)
+    torch.save(quantize_state_dict(state, args, given_codes), buf)
     return compress(buf.getvalue(), args.compressor)
 
 
@@ -1141,14 +1144,14 @@ def load_artifact(path: str | Path, data: bytes | None = None) -> dict[str, Tens
 
 
 def export_artifact(state: dict[str, Tensor], args: Hyperparameters, artifact: Path,
-                    rounded: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> bytes:
+                    given_codes: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> bytes:
     """Write the float weights (for re-exporting in other formats) and the artifact beside them;
     return the artifact's bytes."""
     artifact.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
     write_atomic(artifact.with_name("final_model.pt"), buf.getvalue())
-    blob = serialize_artifact(state, args, rounded)
+    blob = serialize_artifact(state, args, given_codes)
     write_atomic(artifact, blob)
     return blob
 
@@ -1167,26 +1170,26 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> Non
 # EVALUATION
 # -----------------------------
 
-def val_batch_seqs(args: Hyperparameters, world_size: int) -> int:
+def plain_eval_batch(args: Hyperparameters, world_size: int) -> int:
+    """Rows per forward of the baseline's evaluation: VAL_BATCH_SIZE tokens over the ranks' micro-steps."""
     return max(args.val_batch_size // (world_size * grad_accum_steps(world_size) * args.train_seq_len), 1)
 
 
-# Every evaluation scores windows. A window row (start, lo, hi, lane) feeds tokens[start :
-# start + seq_len] to the model and scores only positions lo..hi-1 (position p predicts token
-# p + 1), so a score never sees a token after its target: causality is attention's causal mask,
-# and coverage is the partition of positions into [lo, hi) blocks. Non-overlapping windows are the
-# baseline's evaluation; sliding windows (SlidingWindowEval record) score only the last `stride`
-# positions of each, with at least seq_len - stride tokens of context.
+# Every evaluation scores windows. A window row (start, lo, hi) feeds tokens[start : start +
+# seq_len] to the model and scores only positions lo..hi-1 (position p predicts token p + 1), so a
+# score never sees a token after its target: causality is attention's causal mask, and coverage is
+# the partition of positions into [lo, hi) blocks. Non-overlapping windows are the baseline's
+# evaluation; sliding windows (SlidingWindowEval record) score only the last `stride` positions of
+# each, with at least seq_len - stride tokens of context.
 
 
-def window_blocks(floor: int, first_pos: int, end: int, first: int, stride: int, seq_len: int,
-                  lane: int = 0) -> np.ndarray:
-    """[n, 4] windows (start, lo, hi, lane) whose blocks cover positions [first_pos, end): the first
-    block `first` long, then `stride` each, the last one cut at `end`. Each block is scored by the
-    window that ends where it ends, starting no earlier than `floor` (a document's start, for TTT)."""
+def window_blocks(floor: int, first_pos: int, end: int, first: int, stride: int, seq_len: int) -> np.ndarray:
+    """[n, 3] windows (start, lo, hi) whose blocks cover positions [first_pos, end): the first block
+    `first` long, then `stride` each, the last one cut at `end`. Each block is scored by the window
+    that ends where it ends, starting no earlier than `floor` (where the stream's context begins)."""
     lo = np.concatenate([[first_pos], np.arange(first_pos + first, end, stride, dtype=np.int64)])
     hi = np.append(lo[1:], end)
-    return np.stack([np.maximum(floor, hi - seq_len), lo, hi, np.full_like(lo, lane)], axis=1)
+    return np.stack([np.maximum(floor, hi - seq_len), lo, hi], axis=1)
 
 
 def rank_share(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -1194,45 +1197,47 @@ def rank_share(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     return rows[n * rank // world_size : n * (rank + 1) // world_size]
 
 
-def window_batch(tokens: Tensor, rows: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Inputs, targets, scored-position mask and absolute positions, each [rows, seq_len]."""
-    pos = rows[:, :1] + torch.arange(seq_len, device=rows.device)
-    mask = (pos >= rows[:, 1:2]) & (pos < rows[:, 2:3])
-    return tokens[pos], tokens[pos + 1], mask, pos
+class WindowBatch(NamedTuple):
+    rows: Tensor  # [batch, columns] the window rows (rows past the last window score nothing)
+    x: Tensor  # inputs, [batch, seq_len]
+    y: Tensor  # targets
+    mask: Tensor  # the scored positions
+    pos: Tensor  # each input's position in the stream
+    nats: Tensor  # per-position loss, zero outside the scored positions
+    reports: dict[str, Tensor]  # the layers' reports (see LayerKind)
 
 
-def window_forwards(model: nn.Module, tokens: Tensor, windows: np.ndarray, depth: int, seq_len: int, batch: int,
-                    adapters: nn.Module | None):
-    """For each batch of `windows` (rows start, lo, hi, lane): rows, inputs, targets, mask, positions,
-    the per-position nats (zero outside the scored positions) and the layers' reports. Every batch
-    has `batch` rows, the last one padded with rows that score nothing: one shape, one compiled
-    graph (compiled before the clock starts). `adapters` (TTT's LoRA) gives each lane's adapters:
-    adapters.select(lanes)."""
+def window_forwards(model: nn.Module, tokens: Tensor, windows: np.ndarray, plan: tuple[Layer, ...], *, seq_len: int,
+                    batch: int, mode_of: Callable[[Tensor], Mode] = lambda _rows: Mode()) -> Iterator[WindowBatch]:
+    """The forward of each batch of `windows` (rows start, lo, hi, and any further columns, which
+    `mode_of` may read to give the batch's Mode). Every batch has `batch` rows, the last one padded
+    with rows that score nothing: one shape, one compiled graph (compiled before the clock starts)."""
     if not len(windows):
         return
     table = torch.from_numpy(windows).to(tokens.device)  # uploaded once: a copy per batch would sync
     for rows in F.pad(table, (0, 0, 0, -len(windows) % batch)).split(batch):
-        x, y, mask, pos = window_batch(tokens, rows, seq_len)
+        pos = rows[:, :1] + torch.arange(seq_len, device=rows.device)
+        mask = (pos >= rows[:, 1:2]) & (pos < rows[:, 2:3])
+        x, y = tokens[pos], tokens[pos + 1]
         with autocast(tokens.device):
-            nats, reports = model(x, y, depth, Mode(adapters=None if adapters is None else adapters.select(rows[:, 3])))
-        yield rows, x, y, mask, pos, torch.where(mask, nats.float(), 0.0), reports
+            nats, reports = model(x, y, plan, mode_of(rows))
+        yield WindowBatch(rows, x, y, mask, pos, torch.where(mask, nats.float(), 0.0), reports)
 
 
-def eval_windows(model: nn.Module, tokens: Tensor, windows: np.ndarray, depth: int, seq_len: int, batch: int,
-                 luts: ByteLUTs, adapters: nn.Module | None = None, per_position: Tensor | None = None,
-                 reports: dict[str, Tensor] | None = None) -> Tensor:
-    """Sums of (nats, tokens, bytes) over the scored positions of `windows`, under inference mode.
-    `per_position`, if given, receives each scored position's nats; `reports` the last batch's reports."""
-    sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)
+def eval_windows(model: nn.Module, tokens: Tensor, windows: np.ndarray, plan: tuple[Layer, ...], luts: ByteLUTs, *,
+                 seq_len: int, batch: int, mode_of: Callable[[Tensor], Mode] = lambda _rows: Mode(),
+                 per_position: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sums of (nats, tokens, bytes) over the scored positions of `windows`, under inference mode,
+    and the last batch's reports. `per_position`, if given, is filled with each scored position's nats."""
+    sums, reports = torch.zeros(3, device=tokens.device, dtype=torch.float64), {}
     with torch.inference_mode():
-        for _, x, y, mask, pos, nats, batch_reports in window_forwards(model, tokens, windows, depth, seq_len, batch, adapters):
-            sums += torch.stack([nats.double().sum(), mask.double().sum(),
-                                 (luts.token_bytes(x, y) * mask).double().sum()])
+        for b in window_forwards(model, tokens, windows, plan, seq_len=seq_len, batch=batch, mode_of=mode_of):
+            sums += torch.stack([b.nats.double().sum(), b.mask.double().sum(),
+                                 (luts.token_bytes(b.x, b.y) * b.mask).double().sum()])
             if per_position is not None:
-                per_position[pos[mask]] = nats[mask].to(per_position.dtype)
-            if reports is not None:
-                reports.update(batch_reports)
-    return sums
+                per_position[b.pos[b.mask]] = b.nats[b.mask].to(per_position.dtype)
+            reports = b.reports
+    return sums, reports
 
 
 def loss_and_bpb(sums: Tensor) -> tuple[float, float]:
@@ -1245,20 +1250,27 @@ def loss_and_bpb(sums: Tensor) -> tuple[float, float]:
     return nats / count, nats / (math.log(2.0) * nbytes)
 
 
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, depth: int, seq_len: int, stride: int,
-             batch: int, rank: int = 0, world_size: int = 1, per_position: Tensor | None = None,
-             reports: dict[str, Tensor] | None = None) -> tuple[float, float]:
-    """Mean loss (nats) and val_bpb of the whole stream in seq_len windows every `stride` tokens
-    (stride = seq_len: the baseline's non-overlapping evaluation), windows split across ranks."""
+class Score(NamedTuple):
+    loss: float  # mean nats per token
+    bpb: float
+    reports: dict[str, Tensor]  # the layers' reports of this rank's last batch
+    per_position: Tensor | None  # each position's nats (this rank's windows), when asked for
+
+
+def evaluate(model: nn.Module, plan: tuple[Layer, ...], val_tokens: Tensor, luts: ByteLUTs, *, seq_len: int,
+             stride: int, batch: int, rank: int = 0, world_size: int = 1, per_position: bool = False) -> Score:
+    """The whole stream scored in seq_len windows every `stride` tokens (stride = seq_len: the
+    baseline's non-overlapping evaluation), windows split across ranks."""
     n = val_tokens.numel() - 1
     windows = window_blocks(0, 0, n, seq_len, stride, seq_len)
     tokens = F.pad(val_tokens.to(luts.base_bytes.device, torch.int64), (0, seq_len))
+    positions = torch.full((n,), float("nan"), dtype=torch.float64, device=tokens.device) if per_position else None
     was_training = model.training
     model.eval()
-    sums = eval_windows(model, tokens, rank_share(windows, rank, world_size), depth, seq_len, batch, luts,
-                        per_position=per_position, reports=reports)
+    sums, reports = eval_windows(model, tokens, rank_share(windows, rank, world_size), plan, luts, seq_len=seq_len,
+                                 batch=batch, per_position=positions)
     model.train(was_training)
-    return loss_and_bpb(sums)
+    return Score(*loss_and_bpb(sums), reports, positions)
 
 
 # -----------------------------
@@ -1294,8 +1306,7 @@ def setup_distributed() -> tuple[bool, int, int, int, torch.device]:
 
 
 def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Optimizer]:
-    # Muon for the matrices; Adam for embeddings and head; RowAdam for gains, per-layer controls and
-    # skip weights.
+    # Muon for the matrices; Adam for embeddings and head; RowAdam for the small parameters.
     roles = param_roles(model)
     adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps)
     token_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
@@ -1315,28 +1326,23 @@ MAX_SYNC_GAP = 100  # steps between clock readings (and NaN checks) at most; eac
 
 
 class TrainClock:
-    """Training time and the wallclock warmdown, agreed by all ranks, read only at sync points.
+    """Training time against the cap `cap_ms` (None: no cap), agreed by all ranks, read only at sync points.
 
     An exact reading needs a device sync, and ranks must agree on when to stop and on the LR (or
     their weights drift apart). So the clock is read, synchronized and all-reduced only at sync
     points (log and validation steps, depth changes, at most MAX_SYNC_GAP steps apart, and ever
     more often as the cap nears, by step count and by the host clock); in between, time is
     extrapolated from the step time measured since the previous sync, identically on every rank.
-    A depth change scales that step time by the new depth's cost until the new phase is timed.
+    A new stage scales that step time by the stages' costs until the new stage is timed.
     """
 
-    def __init__(self, args: Hyperparameters, device: torch.device, distributed: bool = False):
-        self.args, self.device = args, device
-        self.cap_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
-        # >>> gptq
-        if self.cap_ms and args.quant_method == "gptq":  # GPTQ's calibration and rounding are training time
-            self.cap_ms -= 1000.0 * args.gptq_reserve_seconds
-        # <<< gptq
+    def __init__(self, cap_ms: float | None, device: torch.device, distributed: bool = False):
+        self.cap_ms, self.device = cap_ms, device
         # due() agrees on host readings over a CPU group: NCCL's would need the device sync it avoids.
         self.host_group = dist.new_group(backend="gloo") if distributed and device.type == "cuda" else None
         self.local_ms, self.t0 = 0.0, 0.0  # this rank's time before the last resume()
         self.elapsed_ms, self.sync_step = 0.0, 0  # agreed at the last sync point
-        self.phase_step, self.phase_ms, self.step_ms = 0, 0.0, None
+        self.stage_step, self.stage_ms, self.step_ms = 0, 0.0, None
 
     def resume(self) -> None:
         synchronize(self.device)
@@ -1370,46 +1376,19 @@ class TrainClock:
             host_ms = latest.item()
         return host_ms - self.elapsed_ms >= (self.cap_ms - self.elapsed_ms) / 2
 
-    def begin_phase(self, step: int, depth_ratio: float) -> None:
-        # Call right after measure(step). Until the new phase has timed steps, guess from the old one.
-        self.phase_step, self.phase_ms = step, self.elapsed_ms
+    def begin_stage(self, step: int, cost_ratio: float) -> None:
+        # Call right after measure(step). Until the new stage has timed steps, guess from the old one.
+        self.stage_step, self.stage_ms = step, self.elapsed_ms
         if self.step_ms is not None:
-            self.step_ms *= depth_ratio
+            self.step_ms *= cost_ratio
 
     def estimate_ms(self, step: int) -> float:
         return self.elapsed_ms + (step - self.sync_step) * (self.step_ms or 0.0)
 
-    def describe(self) -> str:
-        args = self.args
-        shape = "constant" if args.warmdown_iters <= 0 else \
-            f"{'wallclock' if self.cap_ms else 'steps'} warmdown_iters:{args.warmdown_iters}"
-        # >>> warmdown_steps
-        shape = describe_step_warmdown(args, shape)
-        # <<< warmdown_steps
-        return f"lr_schedule:{shape}"
-
-    def lr_mul(self, step: int) -> float:
-        mul = self._warmdown_mul(step)
-        # >>> warmdown_steps
-        mul = step_warmdown_mul(self.args, step, mul)
-        # <<< warmdown_steps
-        return mul
-
-    def _warmdown_mul(self, step: int) -> float:
-        args = self.args
-        if args.warmdown_iters <= 0:
-            return 1.0
+    def progress(self, step: int, iterations: int) -> float:
+        """Fraction of training done: of the wallclock cap when there is one, else of `iterations`."""
         if self.cap_ms is None:
-            return min(max((args.iterations - step) / args.warmdown_iters, 0.0), 1.0)
-        if self.step_ms is None:
-            return 1.0
-        remaining_ms = max(self.cap_ms - self.estimate_ms(step), 0.0)
-        return min(remaining_ms / (args.warmdown_iters * self.step_ms), 1.0)
-
-    def progress(self, step: int) -> float:
-        """Fraction of training done: of the wallclock cap when there is one, else of ITERATIONS."""
-        if self.cap_ms is None:
-            return step / max(self.args.iterations, 1)
+            return step / max(iterations, 1)
         return self.estimate_ms(step) / self.cap_ms
 
     def out_of_time(self) -> bool:
@@ -1422,6 +1401,43 @@ class TrainClock:
             return step + MAX_SYNC_GAP
         steps_left = (self.cap_ms - self.elapsed_ms) / self.step_ms
         return step + int(min(max(steps_left / 2, 1), MAX_SYNC_GAP))
+
+    def add_ms(self, ms: float) -> None:
+        """Count time spent outside the loop (an export's own training-time work) as training time."""
+        self.elapsed_ms += ms
+
+    def state_dict(self) -> dict[str, float | int | None]:
+        return {k: getattr(self, k) for k in ("local_ms", "elapsed_ms", "sync_step", "stage_step", "stage_ms", "step_ms")}
+
+    def load_state_dict(self, state: Mapping[str, float | int | None]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def lr_multiplier(args: Hyperparameters, clock: TrainClock, step: int) -> float:
+    """The LR schedule: 1, then linear to 0 over the last WARMDOWN_ITERS steps, which a capped run
+    estimates from its step time."""
+    if args.warmdown_iters <= 0:
+        mul = 1.0
+    elif clock.cap_ms is None:
+        mul = min(max((args.iterations - step) / args.warmdown_iters, 0.0), 1.0)
+    elif clock.step_ms is None:
+        mul = 1.0
+    else:
+        mul = min(max(clock.cap_ms - clock.estimate_ms(step), 0.0) / (args.warmdown_iters * clock.step_ms), 1.0)
+    # >>> warmdown_steps
+    mul = step_warmdown_mul(args, step, mul)
+    # <<< warmdown_steps
+    return mul
+
+
+def describe_lr_schedule(args: Hyperparameters, capped: bool) -> str:
+    shape = "constant" if args.warmdown_iters <= 0 else \
+        f"{'wallclock' if capped else 'steps'} warmdown_iters:{args.warmdown_iters}"
+    # >>> warmdown_steps
+    shape = describe_step_warmdown(args, shape)
+    # <<< warmdown_steps
+    return f"lr_schedule:{shape}"
 
 
 def sha256(text: str) -> str:
@@ -1437,21 +1453,12 @@ def move_aside(path: Path) -> None:
         path.rename(path.with_name(f"{path.name}.~{k}~"))
 
 
-def start_run(args: Hyperparameters, world_size: int, code: str) -> tuple[dict | None, int | None]:
-    """Rank 0, before the run writes anything: the checkpoint to resume from (its header; None: a
-    new run) and the length its log is cut back to, to continue it (None: a new log). An earlier
-    run's log and artifacts of this RUN_ID are moved aside, so no file of another run looks like this one's."""
-    ckpt, log = None, Path("logs", f"{args.run_id}.txt")
-    # >>> checkpoints
-    ckpt = resume_checkpoint(args, world_size, code)
-    # <<< checkpoints
+def set_aside_earlier(args: Hyperparameters, keep_log: bool) -> None:
+    """Rank 0, before the run writes anything: an earlier run's artifacts of this RUN_ID, and its log
+    unless this run continues it, are moved aside, so no file of another run looks like this one's."""
     move_aside(Path("artifacts", args.run_id))
-    # >>> checkpoints
-    if ckpt and ckpt["run_id"] == args.run_id and log.is_file() and log.stat().st_size >= ckpt["log_bytes"]:
-        return ckpt, ckpt["log_bytes"]
-    # <<< checkpoints
-    move_aside(log)
-    return ckpt, None
+    if not keep_log:
+        move_aside(Path("logs", f"{args.run_id}.txt"))
 
 
 def on_master(master: bool, distributed: bool, work: Callable[[], object]) -> object:
@@ -1475,7 +1482,7 @@ def on_master(master: bool, distributed: bool, work: Callable[[], object]) -> ob
 
 
 class Logger:
-    # Rank 0 writes logs/{RUN_ID}.txt: a new file, or a resumed run's own log cut back to `keep_bytes`.
+    # Rank 0 writes logs/{RUN_ID}.txt: a new file, or a log continued from its first `keep_bytes`.
     def __init__(self, run_id: str, master: bool, keep_bytes: int | None = None):
         self.master = master
         self.path = Path("logs", f"{run_id}.txt")
@@ -1508,78 +1515,11 @@ def log_header(log: Logger, code: str, args: Hyperparameters, device: torch.devi
         log(f"{name}:{value}", console=False)
 
 
-def train_step(model: nn.Module, next_batch: Callable[[], tuple[Tensor, Tensor]], depth: int, mode: Mode,
-               args: Hyperparameters, accum: int, device: torch.device, distributed: bool) -> tuple[Tensor, dict]:
-    """Forward/backward over `accum` micro-batches; returns the mean loss (on device, no sync) and
-    the last micro-batch's reports."""
-    total = torch.zeros((), device=device)
-    for micro in range(accum):
-        if distributed:
-            model.require_backward_grad_sync = micro == accum - 1
-        x, y = next_batch()
-        with autocast(device):
-            nats, reports = model(x, y, depth, mode)
-            # >>> mod
-            if "router_loss" in reports:  # Mixture-of-Depths' router loss, added to each position's
-                nats = nats + args.mod_aux_weight * reports["router_loss"]
-            # <<< mod
-            loss = nats.mean()
-        (loss / accum).backward()
-        total += loss.detach()
-    return total / accum, reports
-
-
 def training_mode(args: Hyperparameters, qat_gate: Tensor) -> Mode:
     """The forward of training: QAT's noise (scaled by `qat_gate`, 0 until QAT_START_FRAC) when on."""
     bits = {"attn": args.attn_bits, "mlp": args.mlp_bits}
     qat = QAT(qat_gate, bits, args.matrix_clip_sigmas, args.qat_mode) if args.noisy_qat else None
     return Mode(qat=qat, training=True)
-
-
-def prime_compile(model: nn.Module, compiled: nn.Module, base_model: GPT, optimizers: list, mode: Mode,
-                  args: Hyperparameters, world_size: int, device: torch.device, distributed: bool, log: Logger) -> None:
-    """Compile every scheduled depth (train graph, the eval graphs of the validation and
-    sliding-window batch shapes, TTT's) on synthetic tokens, then restore the initial weights and
-    optimizer state so measured training starts from the true init. Validation data is never
-    touched here."""
-    depths = scheduled_depths(args)
-    accum = grad_accum_steps(world_size)
-    gen = torch.Generator().manual_seed(args.seed)
-
-    def synthetic(seqs: int, seq_len: int = args.train_seq_len) -> tuple[Tensor, Tensor]:
-        tokens = torch.randint(0, args.vocab_size, (seqs * seq_len + 1,), generator=gen)
-        return inputs_and_targets(tokens.to(device), seq_len)
-
-    micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
-    model_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
-    opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    steps = max(args.warmup_steps, len(depths))
-    for i in range(steps):
-        train_step(model, lambda: synthetic(micro_seqs), depths[i % len(depths)], mode, args, accum, device, distributed)
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
-            log(f"warmup_step:{i + 1}/{steps}")
-    compiled.eval()
-    eval_shapes = {(val_batch_seqs(args, world_size), args.train_seq_len)}
-    if args.eval_stride:
-        eval_shapes.add((args.eval_batch_seqs, args.eval_seq_len))
-    with torch.inference_mode(), autocast(device):
-        for depth in depths:
-            for shape in eval_shapes:
-                compiled(*synthetic(*shape), depth)
-    # >>> ttt
-    if args.ttt_enabled:
-        prime_ttt(compiled, base_model, args, depths, world_size, device)
-    # <<< ttt
-    compiled.train()
-    base_model.load_state_dict(model_state)
-    for opt, state in zip(optimizers, opt_states):
-        opt.load_state_dict(state)
-    if distributed:
-        model.require_backward_grad_sync = True
 
 
 class Run(NamedTuple):
@@ -1594,14 +1534,17 @@ class Run(NamedTuple):
     train_files: list[Path]
     val_tokens: Tensor
     luts: ByteLUTs
-    base_model: GPT
-    compiled: nn.Module
-    model: nn.Module
+    base_model: GPT  # the parameters: what is saved, exported and loaded
+    compiled: nn.Module  # base_model compiled: what evaluation runs
+    train_model: nn.Module  # compiled wrapped in DDP when distributed: what training's forward/backward runs
     log: Logger
     # >>> size_guard
     estimate: int = 0  # bytes, code included
     verdict: str = ""
     # <<< size_guard
+    # >>> checkpoints
+    resume: dict | None = None  # the header of the checkpoint to resume from
+    # <<< checkpoints
 
     @property
     def master(self) -> bool:
@@ -1612,9 +1555,8 @@ class Run(NamedTuple):
         return len(self.code.encode("utf-8"))
 
 
-def setup_run() -> tuple[Run, dict | None]:
-    """Settings, processes, inputs, model and the run's files, each checked before any expensive
-    work; also the checkpoint to resume from."""
+def setup_run() -> Run:
+    """Settings, processes, inputs, model and the run's files, each checked before any expensive work."""
     global zeropower_via_newtonschulz5, CPU_AUTOCAST
     code = Path(__file__).read_text(encoding="utf-8")
     # >>> input_checks
@@ -1642,10 +1584,14 @@ def setup_run() -> tuple[Run, dict | None]:
     verdict = size_verdict(estimate, args)  # refuses a run clearly over the cap, before any training
     # <<< size_guard
 
-    # Rank 0 alone reads the checkpoint and prepares the run's files; every rank gets the result.
-    ckpt, keep_log_bytes = on_master(rank == 0, distributed, lambda: start_run(args, world_size, code))
+    # Rank 0 alone prepares the run's files (and reads what they hold); every rank gets the result.
+    keep_log_bytes = None  # a log continued from this many bytes (None: a new log)
+    # >>> checkpoints
+    resume, keep_log_bytes = on_master(rank == 0, distributed, lambda: resume_checkpoint(args, world_size, code))
+    # <<< checkpoints
+    on_master(rank == 0, distributed, lambda: set_aside_earlier(args, keep_log_bytes is not None))
     log = Logger(args.run_id, rank == 0, keep_log_bytes)
-    if keep_log_bytes is None:  # a resumed run continuing its own log has it already
+    if keep_log_bytes is None:  # a continued log has it already
         log_header(log, code, args, device)
     # >>> input_checks
     for warning in setting_warnings(os.environ):
@@ -1659,15 +1605,18 @@ def setup_run() -> tuple[Run, dict | None]:
         set_recompile_limit(torch._dynamo.config, 64)
         zeropower_via_newtonschulz5 = torch.compile(zeropower_via_newtonschulz5)
         compiled = torch.compile(base_model, dynamic=False, fullgraph=True)
-    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False) if distributed else compiled
+    train_model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                      broadcast_buffers=False) if distributed else compiled
     run = Run(args, code, device, rank, local_rank, world_size, distributed, train_files, val_tokens, luts,
-              base_model, compiled, model, log)
+              base_model, compiled, train_model, log)
     # >>> size_guard
     run = run._replace(estimate=estimate, verdict=verdict)
     # <<< size_guard
+    # >>> checkpoints
+    run = run._replace(resume=resume)
+    # <<< checkpoints
     log_config(run)
-    return run, ckpt
+    return run
 
 
 def log_config(run: Run) -> None:
@@ -1700,9 +1649,12 @@ def log_config(run: Run) -> None:
     log(f"code bytes:{run.code_bytes} sha256:{sha256(run.code)}")
 
 
+# What an optional system adds to the Trainer's state_dict: name -> (get(trainer), set(trainer, value)).
+TRAINER_STATE: dict[str, tuple[Callable[[Trainer], object], Callable[[Trainer, object], None]]] = {}
+
+
 class Trainer:
-    """The training loop, and everything it carries from one step to the next: what a checkpoint
-    saves and a resume restores (state_dict, load_state_dict, with the checkpoints system)."""
+    """The training loop, and everything it carries from one step to the next (state_dict)."""
 
     def __init__(self, run: Run):
         self.run, self.args, self.log = run, run.args, run.log
@@ -1711,35 +1663,100 @@ class Trainer:
         self.qat_gate = torch.zeros((), device=run.device)  # a tensor, so turning QAT on never recompiles
         self.mode = training_mode(run.args, self.qat_gate)
         self.accum = grad_accum_steps(run.world_size)
-        self.step, self.depth, self.stop, self.next_sync, self.qat_on = 0, run.args.depth_at(0), False, 1, False
+        self.stages = run_stages(run.args)
+        self.step, self.stage, self.stop, self.next_sync, self.qat_on = 0, self.stages[0], False, 1, False
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
-        self.peaks: list[tuple[int, int]] = []  # CUDA's (allocated, reserved) peak bytes of the warmup and each phase
-        self.eval_reports: dict[str, Tensor] = {}  # of the last validation's last batch
-        self.val_loss = self.val_bpb = float("nan")
+        self.peaks: list[tuple[int, int]] = []  # CUDA's (allocated, reserved) peak bytes of the warmup and each stage
+        self.val = Score(float("nan"), float("nan"), {}, None)  # the last validation's
+        self.graphs_after_warmup = 0
+        self.loader = DistributedTokenLoader(run.train_files, run.rank, run.world_size, run.device)
+        cap_ms = 1000.0 * self.args.max_wallclock_seconds if self.args.max_wallclock_seconds > 0 else None
+        # >>> gptq
+        if cap_ms and self.args.quant_method == "gptq":  # GPTQ's calibration and rounding are training time
+            cap_ms -= 1000.0 * self.args.gptq_reserve_seconds
+        # <<< gptq
+        self.clock = TrainClock(cap_ms, run.device, run.distributed)
         # >>> ema
-        self.ema: EMA | None = None
+        self.ema = EMA(run.base_model, self.args.ema_decay) if self.args.ema_decay > 0 else None
         # <<< ema
 
-    def warm_up(self) -> None:
-        """Compile every graph the run needs, then start the loader and clock."""
+    def forward_backward(self, plan: tuple[Layer, ...], next_batch: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, dict]:
+        """Forward/backward over the micro-batches of a step; returns the mean loss (on device, no
+        sync) and the last micro-batch's reports."""
+        run, total = self.run, torch.zeros((), device=self.run.device)
+        for micro in range(self.accum):
+            if run.distributed:
+                run.train_model.require_backward_grad_sync = micro == self.accum - 1
+            x, y = next_batch()
+            with autocast(run.device):
+                nats, reports = run.train_model(x, y, plan, self.mode)
+                # >>> mod
+                if "router_loss" in reports:  # Mixture-of-Depths' router loss, added to each position's
+                    nats = nats + self.args.mod_aux_weight * reports["router_loss"]
+                # <<< mod
+                loss = nats.mean()
+            (loss / self.accum).backward()
+            total += loss.detach()
+        return total / self.accum, reports
+
+    def prime_compile(self) -> None:
+        """Compile every stage's graphs (training's, and evaluation's at the validation and
+        sliding-window batch shapes) on synthetic tokens, then restore the initial weights and
+        optimizer state so measured training starts from the true init. Validation data is never
+        touched here."""
         run, args = self.run, self.args
+        plans = list(dict.fromkeys(stage.plan for stage in self.stages))
+        gen = torch.Generator().manual_seed(args.seed)
+
+        def synthetic(seqs: int, seq_len: int = args.train_seq_len) -> tuple[Tensor, Tensor]:
+            tokens = torch.randint(0, args.vocab_size, (seqs * seq_len + 1,), generator=gen)
+            return inputs_and_targets(tokens.to(run.device), seq_len)
+
+        micro_seqs = args.train_batch_tokens // (run.world_size * self.accum * args.train_seq_len)
+        model_state = {k: v.detach().clone() for k, v in run.base_model.state_dict().items()}
+        opt_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        steps = max(args.warmup_steps, len(plans))
+        for i in range(steps):
+            self.forward_backward(plans[i % len(plans)], lambda: synthetic(micro_seqs))
+            for opt in self.optimizers:
+                opt.step()
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
+                self.log(f"warmup_step:{i + 1}/{steps}")
+        run.compiled.eval()
+        eval_shapes = {(plain_eval_batch(args, run.world_size), args.train_seq_len)}
+        if args.eval_stride:
+            eval_shapes.add((args.eval_batch_seqs, args.eval_seq_len))
+        with torch.inference_mode(), autocast(run.device):
+            for plan in plans:
+                for shape in eval_shapes:
+                    run.compiled(*synthetic(*shape), plan)
+        # >>> ttt
+        if args.ttt_enabled:
+            prime_ttt(run.compiled, run.base_model, args, plans, run.world_size, run.device)
+        # <<< ttt
+        run.compiled.train()
+        run.base_model.load_state_dict(model_state)
+        for opt, state in zip(self.optimizers, opt_states):
+            opt.load_state_dict(state)
+        if run.distributed:
+            run.train_model.require_backward_grad_sync = True
+
+    def warm_up(self) -> None:
+        """Compile every graph the run needs before the clock starts."""
         # >>> input_checks
         # Read while the graphs compile, by each node's local rank 0 alone: one reading of the shards a node holds.
-        token_ids_checked = check_token_ids(run.train_files if run.local_rank == 0 else [], args.vocab_size)
+        run = self.run
+        token_ids_checked = check_token_ids(run.train_files if run.local_rank == 0 else [], self.args.vocab_size)
         # <<< input_checks
-        if args.warmup_steps > 0:
-            prime_compile(run.model, run.compiled, run.base_model, self.optimizers, self.mode, args, run.world_size,
-                          run.device, run.distributed, self.log)
+        if self.args.warmup_steps > 0:
+            self.prime_compile()
         # >>> input_checks
         token_ids_checked(run.distributed)  # a shard made for a larger vocab is refused, on every rank, before training
         # <<< input_checks
         self.graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         self.mark_peak()
-        # >>> ema
-        self.ema = EMA(run.base_model, args.ema_decay) if args.ema_decay > 0 else None
-        # <<< ema
-        self.loader = DistributedTokenLoader(run.train_files, run.rank, run.world_size, run.device)
-        self.clock = TrainClock(args, run.device, run.distributed)
 
     def mark_peak(self) -> str:
         if self.run.device.type != "cuda":
@@ -1748,33 +1765,38 @@ class Trainer:
         torch.cuda.reset_peak_memory_stats()
         return f" peak_alloc:{self.peaks[-1][0] >> 20}MiB"
 
-    def evaluate_plain(self, model: nn.Module | None = None) -> tuple[float, float]:
-        """The baseline's metric, at the current depth, of the run's model (whose reports it keeps) or `model`."""
+    def evaluate_plain(self, model: nn.Module | None = None) -> Score:
+        """The baseline's metric, at the current stage, of the run's model or `model`."""
         run, seq_len = self.run, self.args.train_seq_len
-        return evaluate(run.compiled if model is None else model, run.val_tokens, run.luts, self.depth, seq_len, seq_len,
-                        val_batch_seqs(self.args, run.world_size), run.rank, run.world_size,
-                        reports=self.eval_reports if model is None else None)
+        return evaluate(run.compiled if model is None else model, self.stage.plan, run.val_tokens, run.luts,
+                        seq_len=seq_len, stride=seq_len, batch=plain_eval_batch(self.args, run.world_size),
+                        rank=run.rank, world_size=run.world_size)
 
-    def sync_clock(self) -> None:
+    def sync(self) -> None:
+        """Read the clock at a sync point; the training loss's NaN/inf flag is agreed with it."""
         if self.clock.measure(self.step, self.nonfinite):
             raise RunError(f"training loss became NaN/inf by step {self.step}; stopping without an artifact "
                            "(lower MATRIX_LR/EMBED_LR or set GRAD_CLIP_NORM)")
 
-    def log_phase_end(self) -> None:
-        clock, steps = self.clock, self.step - self.clock.phase_step
-        self.log(f"phase_end depth:{self.depth} steps:{steps} "
-                 f"phase_step_avg:{(clock.elapsed_ms - clock.phase_ms) / max(steps, 1):.2f}ms{self.mark_peak()}")
+    def log_stage_end(self) -> None:
+        clock, steps = self.clock, self.step - self.clock.stage_step
+        self.log(f"phase_end depth:{self.stage.depth} steps:{steps} "
+                 f"phase_step_avg:{(clock.elapsed_ms - clock.stage_ms) / max(steps, 1):.2f}ms{self.mark_peak()}")
 
-    def set_depth(self, depth: int) -> None:
-        self.sync_clock()
-        self.log_phase_end()
-        self.clock.begin_phase(self.step, self.args.pass_cost(depth) / self.args.pass_cost(self.depth))
-        self.depth, self.next_sync = depth, self.step + 1
-        self.row_adam.set_used(self.run.base_model.used_rows(depth))
-        self.log(f"layer_schedule_advance:step:{self.step} active_num_layers:{depth}")
-        self.log(describe_plan(depth, layer_plan(self.args, depth)))
+    def begin_stage(self, stage: Stage) -> None:
+        self.stage = stage
+        self.row_adam.set_used(self.run.base_model.used_rows(stage.plan))
+        self.log(f"layer_schedule_advance:step:{self.step} active_num_layers:{stage.depth}")
+        self.log(str(stage))
+
+    def next_stage(self, stage: Stage) -> None:
+        self.sync()
+        self.log_stage_end()
+        self.clock.begin_stage(self.step, stage_cost(self.args, stage) / stage_cost(self.args, self.stage))
+        self.next_sync = self.step + 1
+        self.begin_stage(stage)
         # >>> deq
-        if self.args.deq and depth == DEQ_SOLVE:
+        if self.args.deq and stage.start == self.args.deq_warmup_steps:
             self.log(f"deq_solve_start step:{self.step} deq_iters:{self.args.deq_iters} eval_deq_iters:"
                      f"{self.args.eval_deq_iters} anderson_m:{self.args.anderson_m} phantom_steps:{self.args.phantom_steps}")
         # <<< deq
@@ -1782,30 +1804,30 @@ class Trainer:
     def loop(self) -> None:
         """Train until ITERATIONS or the wallclock cap, validating every VAL_LOSS_EVERY steps and at the end."""
         args, clock, log = self.args, self.clock, self.log
-        log(clock.describe())
-        log(f"layer_schedule_advance:step:{self.step} active_num_layers:{self.depth}")
-        log(describe_plan(self.depth, layer_plan(args, self.depth)))
-        self.row_adam.set_used(self.run.base_model.used_rows(self.depth))
+        log(describe_lr_schedule(args, clock.cap_ms is not None))
+        self.begin_stage(self.stage)
+        later = [stage for stage in self.stages if stage.start > self.step]
         clock.resume()
         while True:
             last_step = self.step == args.iterations or self.stop
-            # Validation first: a step that switches depth is scored at the depth trained up to it.
+            # Validation first: a step that starts a stage is scored with the stage trained up to it.
             if last_step or (args.val_loss_every > 0 and self.step % args.val_loss_every == 0):
-                self.sync_clock()
-                self.val_loss, self.val_bpb = self.evaluate_plain()
-                log(f"step:{self.step}/{args.iterations} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} "
+                self.sync()
+                self.val = self.evaluate_plain()
+                log(f"step:{self.step}/{args.iterations} val_loss:{self.val.loss:.4f} val_bpb:{self.val.bpb:.4f} "
                     f"train_time:{clock.elapsed_ms:.0f}ms step_avg:{clock.elapsed_ms / max(self.step, 1):.2f}ms")
                 clock.resume()
             if last_step:
                 if self.stop and self.step < args.iterations:
                     log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms:.0f}ms step:{self.step}/{args.iterations}")
                 break
-            if args.depth_at(self.step) != self.depth:
-                self.set_depth(args.depth_at(self.step))
-            train_loss, reports = self.train_one_step()
+            if later and later[0].start <= self.step:
+                self.next_stage(later[0])
+                del later[0]
+            train_loss, reports = self.train_step()
             log_now = args.train_log_every > 0 and (self.step <= 10 or self.step % args.train_log_every == 0)
             if log_now or self.step >= self.next_sync or clock.due():
-                self.sync_clock()
+                self.sync()
                 self.stop = clock.out_of_time()
                 self.next_sync = clock.next_sync(self.step)
                 if log_now:
@@ -1819,23 +1841,24 @@ class Trainer:
             if args.checkpoint_every and self.step % args.checkpoint_every == 0:
                 self.save_checkpoint()
             # <<< checkpoints
-        self.log_phase_end()
+        self.log_stage_end()
 
-    def train_one_step(self) -> tuple[Tensor, dict[str, Tensor]]:
+    def train_step(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """One optimizer step: the schedules' values at this step, forward/backward, the update."""
         args, run, step = self.args, self.run, self.step
-        if args.noisy_qat and not self.qat_on and self.clock.progress(step) >= args.qat_start_frac:
+        if args.noisy_qat and not self.qat_on and self.clock.progress(step, args.iterations) >= args.qat_start_frac:
             self.qat_gate.fill_(1.0)
             self.qat_on = True
             self.log(f"qat_start step:{step} mode:{args.qat_mode} grid:{width_name(args)}")
-        scale = self.clock.lr_mul(step)
+        scale = lr_multiplier(args, self.clock, step)
         frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
         self.optimizers[0].param_groups[0]["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
         local_tokens = args.train_batch_tokens // (run.world_size * self.accum)
-        train_loss, reports = train_step(run.model, lambda: self.loader.next_batch(local_tokens, args.train_seq_len),
-                                         self.depth, self.mode, args, self.accum, run.device, run.distributed)
+        train_loss, reports = self.forward_backward(self.stage.plan,
+                                                    lambda: self.loader.next_batch(local_tokens, args.train_seq_len))
         if args.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(run.base_model.parameters(), args.grad_clip_norm)
         for opt in self.optimizers:
@@ -1850,32 +1873,28 @@ class Trainer:
         self.step += 1
         return train_loss, reports
 
-    # >>> checkpoints
     def state_dict(self) -> dict:
-        """Everything the loop carries, as it is after step `self.step` (what a checkpoint saves)."""
-        ema = getattr(self, "ema", None)  # the EMA system's, when it is in the script and on
-        return {"step": self.step, "depth": self.depth, "next_sync": self.next_sync, "qat_on": self.qat_on,
-                "model": self.run.base_model.state_dict(), "optimizers": [opt.state_dict() for opt in self.optimizers],
-                "ema": ema.shadow if ema is not None else None, "rng": rng_state(self.run.device),
-                "loader": (self.loader.stream.file_idx, self.loader.stream.pos),
-                "clock": {field: getattr(self.clock, field) for field in CLOCK_FIELDS}}
+        """Everything the loop carries, as it is after step `self.step`."""
+        return {"step": self.step, "stage": self.stages.index(self.stage), "next_sync": self.next_sync,
+                "qat_on": self.qat_on, "model": self.run.base_model.state_dict(),
+                "optimizers": [opt.state_dict() for opt in self.optimizers], "clock": self.clock.state_dict(),
+                } | {name: get(self) for name, (get, _) in TRAINER_STATE.items()}
 
     def load_state_dict(self, state: dict) -> None:
         self.run.base_model.load_state_dict(state["model"], strict=True)
         for opt, opt_state in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
-        if getattr(self, "ema", None) is not None:
-            self.ema.shadow = [t.to(self.run.device) for t in state["ema"]]
-        self.loader.stream.seek(*state["loader"])
-        for field in CLOCK_FIELDS:
-            setattr(self.clock, field, state["clock"][field])
-        self.step, self.depth, self.next_sync, self.qat_on = state["step"], state["depth"], state["next_sync"], state["qat_on"]
+        self.clock.load_state_dict(state["clock"])
+        self.step, self.next_sync, self.qat_on = state["step"], state["next_sync"], state["qat_on"]
+        self.stage = self.stages[state["stage"]]
         self.qat_gate.fill_(float(self.qat_on))
-        set_rng_state(state["rng"], self.run.device)
+        for name, (_, set_state) in TRAINER_STATE.items():
+            set_state(self, state[name])
+    # >>> checkpoints
 
     def save_checkpoint(self) -> None:
         run, args = self.run, self.args
-        self.sync_clock()  # a checkpoint is only written of a healthy run, and its time is not training time
+        self.sync()  # a checkpoint is only written of a healthy run, and its time is not training time
         t0 = time.perf_counter()
         state = self.state_dict() | {"format": CHECKPOINT_FORMAT, "config": checkpoint_config(args), "run_id": args.run_id,
                                      "world_size": run.world_size, "code_sha256": sha256(run.code)}
@@ -1889,8 +1908,8 @@ class Trainer:
 def log_training_summary(trainer: Trainer) -> None:
     run, args, log, clock = trainer.run, trainer.args, trainer.log, trainer.clock
     # >>> deq
-    if "deq_residual" in trainer.eval_reports:  # the last solve was the final validation's
-        log(f"deq_residual eval_deq_iters:{args.eval_deq_iters} residual:{trainer.eval_reports['deq_residual'].item():.4f}")
+    if "deq_residual" in trainer.val.reports:  # the last solve was the final validation's
+        log(f"deq_residual eval_deq_iters:{args.eval_deq_iters} residual:{trainer.val.reports['deq_residual'].item():.4f}")
     # <<< deq
     # >>> mod
     if args.mod_capacity:
@@ -1909,24 +1928,23 @@ def export_and_score(trainer: Trainer) -> int:
     bytes: the final evaluations, each timed, the last one run being the score. Returns the
     submission's bytes, code included."""
     run, args, log = trainer.run, trainer.args, trainer.log
-    val_bpb = trainer.val_bpb
     # >>> ema
     if trainer.ema is not None:  # export the EMA's weights, their effect measured against the trained ones
         trainer.ema.copy_to_model()
-        raw_bpb, (trainer.val_loss, val_bpb) = val_bpb, trainer.evaluate_plain()
-        log(f"ema decay:{args.ema_decay} val_loss:{trainer.val_loss:.4f} val_bpb:{val_bpb:.4f} raw_val_bpb:{raw_bpb:.4f} "
-            f"delta_bpb:{val_bpb - raw_bpb:+.4f}")
+        raw_bpb, trainer.val = trainer.val.bpb, trainer.evaluate_plain()
+        log(f"ema decay:{args.ema_decay} val_loss:{trainer.val.loss:.4f} val_bpb:{trainer.val.bpb:.4f} raw_val_bpb:{raw_bpb:.4f} "
+            f"delta_bpb:{trainer.val.bpb - raw_bpb:+.4f}")
     # <<< ema
-    log(f"final_prequant_exact val_loss:{trainer.val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    log(f"final_prequant_exact val_loss:{trainer.val.loss:.8f} val_bpb:{trainer.val.bpb:.8f}")
     fmt = format_name(args)
     artifact = Path("artifacts", args.run_id, f"final_model.{width_name(args)}.ptz")
-    rounded, calibration = None, "none"  # codes not rounded to nearest, by name; the tokens their rounding read
+    given_codes, calibration = None, "none"  # codes not rounded to nearest, by name; the tokens their rounding read
     # >>> gptq
     if args.quant_method == "gptq":
         # Rank 0 alone calibrates and rounds: it writes the artifact, whose bytes reach the other ranks.
-        rounded, calibration = gptq_export(trainer) if run.master else None, "train_tokens"
+        given_codes, calibration = gptq_export(trainer) if run.master else None, "train_tokens"
     # <<< gptq
-    blob = on_master(run.master, run.distributed, lambda: export_artifact(run.base_model.state_dict(), args, artifact, rounded))
+    blob = on_master(run.master, run.distributed, lambda: export_artifact(run.base_model.state_dict(), args, artifact, given_codes))
     log(f"artifact:{artifact}")
     total = len(blob) + run.code_bytes
     log(f"Serialized model {fmt}: {len(blob)} bytes (code:{run.code_bytes} bytes)")
@@ -1955,7 +1973,7 @@ def export_and_score(trainer: Trainer) -> int:
 
     # The roundtrip line is the score PR #1088 reports (1.25595): the one to compare with it.
     score = timed_eval(f"final_{fmt.replace('+', '_')}_roundtrip", trainer.evaluate_plain)[1]
-    log(f"quant_gap {fmt} val_bpb:{score - val_bpb:+.8f} (roundtrip minus pre-quant)")
+    log(f"quant_gap {fmt} val_bpb:{score - trainer.val.bpb:+.8f} (roundtrip minus pre-quant)")
     sliding = "scored" if args.eval_stride else "off"
     # >>> ttt
     if args.ttt_enabled and args.eval_stride and not args.ttt_sliding_score:
@@ -1963,13 +1981,13 @@ def export_and_score(trainer: Trainer) -> int:
     # <<< ttt
     if sliding == "scored":
         score = timed_eval("final_sliding_window", lambda: evaluate(
-            run.compiled, run.val_tokens, run.luts, trainer.depth, args.eval_seq_len, args.eval_stride, args.eval_batch_seqs,
-            run.rank, run.world_size), f"stride:{args.eval_stride} ")[1]
+            run.compiled, trainer.stage.plan, run.val_tokens, run.luts, seq_len=args.eval_seq_len, stride=args.eval_stride,
+            batch=args.eval_batch_seqs, rank=run.rank, world_size=run.world_size), f"stride:{args.eval_stride} ")[1]
     # >>> ttt
     if args.ttt_enabled:
-        log(describe_ttt(run.base_model, args, trainer.depth))
-        ttt = timed_eval("final_ttt", lambda: eval_ttt(run.compiled, run.base_model, args, trainer.depth, run.val_tokens,
-                                                       run.luts, run.rank, run.world_size))
+        log(describe_ttt(args, trainer.stage.plan))
+        ttt = timed_eval("final_ttt", lambda: eval_ttt(run.compiled, run.base_model, args, trainer.stage.plan, run.val_tokens,
+                                                       run.luts, rank=run.rank, world_size=run.world_size))
         score = ttt.bpb
         log(f"ttt_adapted share:{ttt.adapted:.4f} (of the scored tokens, those predicted after their lane's first update)")
     # <<< ttt
@@ -1987,15 +2005,15 @@ def export_and_score(trainer: Trainer) -> int:
 
 
 def main() -> None:
-    run, ckpt = setup_run()
+    run = setup_run()
     trainer = Trainer(run)
     trainer.warm_up()
     # >>> checkpoints
-    if ckpt is not None:
-        state, read = read_checkpoint(ckpt, run)
+    if run.resume is not None:
+        state, read = read_checkpoint(run.resume, run)
         trainer.load_state_dict(state)
         del state
-        run.log(f"resumed_from:{ckpt['path']} step:{trainer.step} train_time:{trainer.clock.elapsed_ms:.0f}ms read:{read}")
+        run.log(f"resumed_from:{run.resume['path']} step:{trainer.step} train_time:{trainer.clock.elapsed_ms:.0f}ms read:{read}")
     # <<< checkpoints
     trainer.loop()
     log_training_summary(trainer)
@@ -2008,18 +2026,11 @@ def main() -> None:
                        f"{total - SIZE_CAP_BYTES} bytes; everything was written, but it cannot be submitted")
 
 
-# -----------------------------
-# EXTENSIONS
-# -----------------------------
-# Each optional system is one block: its settings reader (appended to EXTENSION_SETTINGS), its
-# parameters' roles (added to PARAM_ROLES), its modules and functions. The hook lines in the core
-# that call it are marked with its name, so `records/submission.py strip` deletes both.
-
 # >>> unet: U-Net skips across the stack (PR #470; the challenge's baseline)
 def unet_settings(h: Hyperparameters) -> None:
     # The stack's first half keeps its outputs, the second half adds them back in reverse order,
     # times learned skip weights. UNET_WEIGHTS=2 gives the core's passes in each half their own
-    # shared block.
+    # shared block. The challenge's 9-layer baseline has UNET_SKIPS=1.
     h.unet_skips = h._get("UNET_SKIPS", False)
     h.unet_weights = h._get("UNET_WEIGHTS", 1, "[1,2]")
     if h.unet_weights == 2 and not h.unet_skips:
@@ -2166,7 +2177,7 @@ class SeedLoRALinear(nn.Module):
         self.lora_a = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
 
-    def forward(self, x: Tensor, qat: QAT | None = None) -> Tensor:
+    def forward(self, x: Tensor, _mode: Mode = Mode()) -> Tensor:  # CastedLinear's signature; no QAT
         return F.linear(x, (self.random_map + self.lora_b @ self.lora_a).to(x.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -2182,13 +2193,13 @@ class SeedLoRALinear(nn.Module):
 
 
 def seed_lora_linears(args: Hyperparameters, plain: Callable[[str], LinearFactory]) -> Callable[[str], LinearFactory]:
-    """The block's matrix factory with the targeted kinds made Seed-LoRA, seeded 0, 1, 2, ... in
+    """The block's matrix factory with the targeted classes made Seed-LoRA, seeded 0, 1, 2, ... in
     construction order."""
     if not args.seed_lora_rank:
         return plain
     seeds = itertools.count()
-    return lambda kind: ((lambda i, o: SeedLoRALinear(i, o, args.seed_lora_rank, next(seeds)))
-                         if args.seed_lora_targets in (kind, "all") else plain(kind))
+    return lambda quant_class: ((lambda i, o: SeedLoRALinear(i, o, args.seed_lora_rank, next(seeds)))
+                                if args.seed_lora_targets in (quant_class, "all") else plain(quant_class))
 
 
 def log_seed_lora(model: GPT, args: Hyperparameters, log: Logger) -> None:
@@ -2218,13 +2229,14 @@ EXTENSION_SETTINGS.append(mod_settings)
 PARAM_ROLES["control"] += r"|controls\.router"  # fp32: a decision boundary, sigmoid > 0.5
 
 
-def routed_pass(model: GPT, block: Block, x: Tensor, x0: Tensor, c: DepthControl, router: Tensor,
-                rope: tuple[Tensor, Tensor], mode: Mode, lora: dict | None) -> tuple[Tensor, Tensor | None]:
+def routed_layer(model: GPT, layer: Layer, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor],
+                 mode: Mode) -> tuple[Tensor, dict[str, Tensor]]:
     """One Mixture-of-Depths pass: the chosen tokens get weight * (block update); the rest pass
-    unchanged. Returns the new stream and, in training, the router's per-position BCE toward the
-    top-k choice."""
+    unchanged. Reports, in training, the router's per-position BCE toward the top-k choice
+    ("router_loss", added to the training loss)."""
+    block, c = model.block_named(layer.block), model.controls.at(layer.row)
     with torch.autocast(x.device.type, enabled=False):  # autocast would run the matmul in bf16
-        logits = x.float() @ router.float()  # [batch, seq], fp32: sigmoid(logits) > 0.5 is a decision
+        logits = x.float() @ model.controls.router[layer.row].float()  # [batch, seq], fp32: sigmoid(logits) > 0.5 is a decision
     weight = torch.sigmoid(logits)
     seq = x.size(1)
     if mode.training:  # the k best of each sequence
@@ -2241,9 +2253,14 @@ def routed_pass(model: GPT, block: Block, x: Tensor, x0: Tensor, c: DepthControl
     gather = idx[..., None].expand(-1, -1, x.size(-1))
     xs = x.gather(1, gather)
     cos, sin = (t[0, 0][idx][:, None] for t in rope)
-    update = block(xs, x0.gather(1, gather), c, (cos, sin), mode.qat, lora) - xs
+    update = block(xs, x0.gather(1, gather), c, (cos, sin), mode) - xs
     x = x.scatter(1, gather, xs + (weight * chosen).gather(1, idx)[..., None].to(x.dtype) * update)
-    return x, F.binary_cross_entropy_with_logits(logits, chosen.float(), reduction="none") if mode.training else None
+    if not mode.training:
+        return x, {}
+    return x, {"router_loss": F.binary_cross_entropy_with_logits(logits, chosen.float(), reduction="none")}
+
+
+LAYER_KINDS["routed"] = LayerKind(routed_layer, cost=lambda _args: 1.0)
 
 
 class TopkRouting(nn.Module):
@@ -2253,14 +2270,14 @@ class TopkRouting(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor, depth: int, mode: Mode = Mode()) -> tuple[Tensor, dict]:
-        return self.model(input_ids, target_ids, depth, mode._replace(training=True))
+    def forward(self, input_ids: Tensor, target_ids: Tensor, plan: tuple[Layer, ...], mode: Mode = Mode()) -> tuple[Tensor, dict]:
+        return self.model(input_ids, target_ids, plan, mode._replace(training=True))
 
 
 def log_topk_routing_gap(trainer: Trainer) -> None:
-    _, topk_bpb = trainer.evaluate_plain(TopkRouting(trainer.run.base_model))
-    trainer.log(f"mod_routing causal_val_bpb:{trainer.val_bpb:.4f} topk_val_bpb:{topk_bpb:.4f} "
-                f"gap:{trainer.val_bpb - topk_bpb:+.4f} (the scored, causal rule minus the training-time top-k)")
+    topk_bpb = trainer.evaluate_plain(TopkRouting(trainer.run.base_model)).bpb
+    trainer.log(f"mod_routing causal_val_bpb:{trainer.val.bpb:.4f} topk_val_bpb:{topk_bpb:.4f} "
+                f"gap:{trainer.val.bpb - topk_bpb:+.4f} (the scored, causal rule minus the training-time top-k)")
 # <<< mod
 
 
@@ -2285,12 +2302,26 @@ def deq_settings(h: Hyperparameters) -> None:
     if h.deq_tol > 0 and h.torch_compile:
         raise RunError(f"DEQ_TOL={h.deq_tol} stops the solve early by reading the residual on the host, which a "
                        "compiled graph cannot do: set TORCH_COMPILE=0 or DEQ_TOL=0")
-    if h.deq and (getattr(h, "unet_skips", False) or getattr(h, "mod_capacity", 0)):
-        raise RunError("DEQ=1 iterates one map to its fixed point: it does not combine with UNET_SKIPS or MOD_CAPACITY")
 
 
 EXTENSION_SETTINGS.append(deq_settings)
-DEQ_SOLVE = 0  # the depth argument that asks a DEQ model for its fixed point
+
+
+def deq_stages(args: Hyperparameters, stages: list[Stage]) -> list[Stage]:
+    """From DEQ_WARMUP_STEPS on, one solved layer replaces the unrolled passes of the core."""
+    if not args.deq:
+        return stages
+    for stage in stages:
+        if len({layer for layer in stage.plan if layer.block == "block"}) > 1:
+            raise RunError(f"DEQ=1 iterates one map to its fixed point, but the core's passes differ ({stage}): "
+                           "it does not combine with UNET_SKIPS or MOD_CAPACITY")
+    start = args.deq_warmup_steps
+    at_start = [stage for stage in stages if stage.start <= start][-1]
+    # The unrolled passes are one layer repeated: it becomes the solve.
+    solved = lambda plan: tuple(dict.fromkeys(layer._replace(kind="solve") if layer.block == "block" else layer
+                                              for layer in plan))
+    later = [at_start._replace(start=start)] + [stage for stage in stages if stage.start > start]
+    return [stage for stage in stages if stage.start < start] + [stage._replace(plan=solved(stage.plan)) for stage in later]
 
 
 def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, iters: int, m: int, lam: float, beta: float,
@@ -2326,19 +2357,23 @@ def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
         return (fz - z).norm() / fz.norm().clamp_min(1e-12)
 
 
-def deq_solve(model: GPT, u: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], mode: Mode,
-              lora: dict | None) -> tuple[Tensor, Tensor]:
+def solve_layer(model: GPT, layer: Layer, u: Tensor, _x0: Tensor, rope: tuple[Tensor, Tensor],
+                mode: Mode) -> tuple[Tensor, dict[str, Tensor]]:
     """The fixed point of z -> block(z, u), u the stem's output (the embedding without a stem),
     found without gradients from z = u, then PHANTOM_STEPS damped steps with them (the unrolled
-    phantom gradient; 1 step at lambda 1 is JFB). Returns it and the solve's relative residual."""
-    args = model.args
-    f = lambda z: model.block(z, u, c, rope, mode.qat, lora)
+    phantom gradient; 1 step at lambda 1 is JFB). Reports the solve's relative residual ("deq_residual")."""
+    args, c = model.args, model.controls.at(layer.row)
+    f = lambda z: model.block(z, u, c, rope, mode)
     with torch.no_grad():
         z, residual = anderson(f, u, args.deq_iters if mode.training else args.eval_deq_iters, args.anderson_m,
                                args.anderson_lambda, args.anderson_beta, args.deq_tol if mode.training else 0.0)
     for _ in range(args.phantom_steps):
         z = (1.0 - args.phantom_lambda) * z + args.phantom_lambda * f(z)
-    return z, residual
+    return z, {"deq_residual": residual}
+
+
+# A no-grad solver iteration is about a third of a pass with its backward.
+LAYER_KINDS["solve"] = LayerKind(solve_layer, cost=lambda args: args.deq_iters / 3 + args.phantom_steps)
 # <<< deq
 
 
@@ -2362,6 +2397,7 @@ def ttt_settings(h: Hyperparameters) -> None:
     h.ttt_chunk_tokens = h._get("TTT_CHUNK_TOKENS", 32_768 if h.ttt_reset == "none" else 256, "[1,)")
     h.ttt_batch_docs = h._get("TTT_BATCH_DOCS", 64, "[1,)")
     h.ttt_sliding_score = h._get("TTT_SLIDING_SCORE", False)
+    RESUMABLE_SETTINGS.update(name for name in vars(h) if name.startswith("ttt_"))
     if h.ttt_mode == "full" and h.ttt_reset == "doc":
         raise RunError("TTT_MODE=full adapts one copy of the weights, so it needs TTT_RESET=none")
     if h.ttt_reset == "none" and h.ttt_chunk_tokens < h.eval_seq_len:
@@ -2389,13 +2425,13 @@ TTT_SGD_MOMENTUM = 0.9  # PR #549's full-weight TTT
 TTT_GRAD_CLIP = 1.0
 
 
-def adapted_blocks(model: GPT, depth: int) -> list[str]:
-    """The blocks TTT's adapters attach to: every block of the layer plan at `depth`, in plan order."""
-    return list(dict.fromkeys(layer.block for layer in layer_plan(model.args, depth)))
+def adapted_blocks(plan: tuple[Layer, ...]) -> list[str]:
+    """The blocks TTT's adapters attach to: every block of `plan`, in plan order."""
+    return list(dict.fromkeys(layer.block for layer in plan))
 
 
-def describe_ttt(model: GPT, args: Hyperparameters, depth: int) -> str:
-    adapted = "every weight" if args.ttt_mode == "full" else "head," + ",".join(adapted_blocks(model, depth))
+def describe_ttt(args: Hyperparameters, plan: tuple[Layer, ...]) -> str:
+    adapted = "every weight" if args.ttt_mode == "full" else "head," + ",".join(adapted_blocks(plan))
     return f"ttt mode:{args.ttt_mode} reset:{args.ttt_reset} chunk_tokens:{args.ttt_chunk_tokens} adapted:{adapted}"
 
 
@@ -2406,25 +2442,47 @@ def ttt_windows(s0: int, s1: int, args: Hyperparameters, lane: int) -> np.ndarra
     first TTT_CHUNK_TOKENS tokens, not after a whole window."""
     seq_len, head_end = args.eval_seq_len, min(s0 + args.eval_seq_len, s1)
     block = min(args.ttt_chunk_tokens, seq_len)
-    head = window_blocks(s0, s0, head_end, block, block, seq_len, lane)
-    if head_end == s1:
-        return head
-    stride = args.eval_stride or seq_len
-    return np.concatenate([head, window_blocks(s0, head_end, s1, stride, stride, seq_len, lane)])
+    windows = window_blocks(s0, s0, head_end, block, block, seq_len)
+    if head_end < s1:
+        stride = args.eval_stride or seq_len
+        windows = np.concatenate([windows, window_blocks(s0, head_end, s1, stride, stride, seq_len)])
+    return with_lane(windows, lane)
+
+
+def with_lane(windows: np.ndarray, lane: int) -> np.ndarray:
+    """Window rows (start, lo, hi) with a fourth column, the lane (document) whose adapters they use."""
+    return np.concatenate([windows, np.full((len(windows), 1), lane, dtype=windows.dtype)], axis=1)
+
+
+def add_lora(y: Tensor, x: Tensor, mode: Mode, key: str) -> Tensor:
+    """y + x @ A^T @ B^T, with the adapter pair of each sequence that `mode` holds for `key`."""
+    lora = (mode.adapters or {}).get(key)
+    if lora is None:
+        return y
+    a, b = lora
+    return y + torch.bmm(torch.bmm(x, a.mT.to(x.dtype)), b.mT.to(x.dtype))
+
+
+def name_attentions(model: GPT) -> None:
+    """Each attention's key in TTT's adapters: its module path ("block.attns.0")."""
+    for name, module in model.named_modules():
+        if isinstance(module, CausalSelfAttention):
+            module.ttt_key = name
 
 
 class LoRA(nn.Module):
     # Per-lane rank-r adapters W + B @ A on the head and on c_q and c_v of every attention of the
     # blocks the plan runs (adapted_blocks): A uniform in +-1/sqrt(in), B zero, so adaptation starts
     # exactly at the artifact's model. A shared block has one adapter for all its passes.
-    def __init__(self, model: GPT, depth: int, lanes: int, rank: int, seed: int):
+    def __init__(self, model: GPT, plan: tuple[Layer, ...], lanes: int, rank: int, seed: int):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        shapes = {("head", "head"): (model.args.model_dim, model.args.vocab_size)}
-        for name in adapted_blocks(model, depth):
-            for i, attn in enumerate(model.block_named(name).attns):
-                for proj, m in ((f"q{i}", attn.c_q), (f"v{i}", attn.c_v)):
-                    shapes[name, proj] = (m.in_features, m.out_features)
+        shapes = {"head": (model.args.model_dim, model.args.vocab_size)}
+        for name in adapted_blocks(plan):
+            for attn in model.block_named(name).attns:
+                for proj in ("c_q", "c_v"):
+                    m = getattr(attn, proj)
+                    shapes[f"{attn.ttt_key}.{proj}"] = (m.in_features, m.out_features)
         self.keys = {f"a{k}": target for k, target in enumerate(shapes)}  # parameter names cannot hold "."
         device = model.tok_emb.weight.device
         self.a = nn.ParameterDict({k: nn.Parameter(((torch.rand(lanes, rank, shapes[t][0], generator=gen) * 2 - 1)
@@ -2432,12 +2490,10 @@ class LoRA(nn.Module):
         self.b = nn.ParameterDict({k: nn.Parameter(torch.zeros(lanes, shapes[t][1], rank, device=device))
                                    for k, t in self.keys.items()})
 
-    def select(self, lanes: Tensor) -> dict[str, dict[str, tuple[Tensor, Tensor]]]:
-        """The lanes' adapters by block name, then by projection (the head's under "head")."""
-        adapters: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
-        for k, (block, proj) in self.keys.items():
-            adapters.setdefault(block, {})[proj] = (self.a[k][lanes], self.b[k][lanes])
-        return adapters
+    def mode(self, rows: Tensor) -> Mode:
+        """The forward's Mode for window rows: each row's lane's adapters, by key."""
+        lanes = rows[:, 3]
+        return Mode(adapters={key: (self.a[k][lanes], self.b[k][lanes]) for k, key in self.keys.items()})
 
 
 def doc_segments(val_tokens: Tensor) -> list[tuple[int, int]]:
@@ -2448,11 +2504,12 @@ def doc_segments(val_tokens: Tensor) -> list[tuple[int, int]]:
 
 
 def ttt_train_step(model: nn.Module, params: list[Tensor], tokens: Tensor, windows: np.ndarray, lane_counts: Tensor,
-                   depth: int, seq_len: int, batch: int, lora: LoRA | None, shared: bool) -> None:
+                   plan: tuple[Layer, ...], *, seq_len: int, batch: int, lora: LoRA | None, shared: bool) -> None:
     """Accumulate the gradient of the sum over lanes of each lane's mean loss on its windows;
     `shared`: they are this rank's share, and the gradient is summed over ranks."""
-    for rows, *_, nats, _ in window_forwards(model, tokens, windows, depth, seq_len, batch, lora):
-        (nats / lane_counts[rows[:, 3], None]).sum().backward()
+    mode_of = (lambda _rows: Mode()) if lora is None else lora.mode
+    for b in window_forwards(model, tokens, windows, plan, seq_len=seq_len, batch=batch, mode_of=mode_of):
+        (b.nats / lane_counts[b.rows[:, 3], None]).sum().backward()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -2464,6 +2521,7 @@ class TTTScore(NamedTuple):
     loss: float
     bpb: float
     adapted: float  # the share of the scored tokens predicted after their lane's first update
+    per_position: Tensor | None  # each position's nats (this rank's windows), when asked for
 
 
 def ttt_batch_rows(args: Hyperparameters, world_size: int) -> tuple[int, int]:
@@ -2505,19 +2563,20 @@ def ttt_steps(group: list[tuple[int, int]], args: Hyperparameters) -> Iterator[t
             if c1 < s1:  # never after a document's (or the stream's) last chunk
                 if c1 > scored[bounds[c + 1] - 1, 2]:
                     raise RuntimeError(f"TTT would train on unscored positions {c0}..{c1}")
-                train.append(window_blocks(s0, c0, c1, seq_len, seq_len, seq_len, lane))
+                train.append(with_lane(window_blocks(s0, c0, c1, seq_len, seq_len, seq_len), lane))
         yield np.concatenate(score), np.concatenate(train) if train else None
 
 
-def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: int, val_tokens: Tensor, luts: ByteLUTs,
-             rank: int = 0, world_size: int = 1, per_position: Tensor | None = None,
-             batch_rows: tuple[int, int] | None = None) -> TTTScore:
+def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, plan: tuple[Layer, ...], val_tokens: Tensor,
+             luts: ByteLUTs, *, rank: int = 0, world_size: int = 1, batch_rows: tuple[int, int] | None = None,
+             per_position: bool = False) -> TTTScore:
     """Score-first test-time training over the validation stream, in batches of `batch_rows`
     (ttt_batch_rows' for `world_size` unless given); the model is restored afterwards."""
     n, seq_len = val_tokens.numel() - 1, args.eval_seq_len
     score_batch, train_batch = batch_rows or ttt_batch_rows(args, world_size)
     device = luts.base_bytes.device
     tokens = F.pad(val_tokens.to(device, torch.int64), (0, seq_len))
+    positions = torch.full((n,), float("nan"), dtype=torch.float64, device=device) if per_position else None
     full, was_training = args.ttt_mode == "full", model.training
     snapshot = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     base_model.requires_grad_(full)
@@ -2532,7 +2591,7 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
     for g, group in enumerate(ttt_groups(doc_segments(val_tokens), args)):
         if not shared and g % world_size != rank:
             continue
-        lora = None if full else LoRA(base_model, depth, len(group), args.ttt_rank, args.seed + g * args.ttt_batch_docs)
+        lora = None if full else LoRA(base_model, plan, len(group), args.ttt_rank, args.seed + g * args.ttt_batch_docs)
         if full:
             base_model.load_state_dict(snapshot)  # each group starts from the artifact's weights
             params = list(base_model.parameters())
@@ -2541,15 +2600,16 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
             params = list(lora.parameters())
             opt = torch.optim.Adam(params, lr=args.ttt_lr, betas=(args.beta1, args.beta2), eps=TTT_ADAM_EPS)
         for c, (score_rows, train_rows) in enumerate(ttt_steps(group, args)):
-            sums += eval_windows(model, tokens, share(score_rows), depth, seq_len, score_batch, luts, lora, per_position)
+            sums += eval_windows(model, tokens, share(score_rows), plan, luts, seq_len=seq_len, batch=score_batch,
+                                 mode_of=(lambda _rows: Mode()) if lora is None else lora.mode, per_position=positions)[0]
             adapted += int((score_rows[:, 2] - score_rows[:, 1]).sum()) if c else 0
             if train_rows is None:
                 continue
             lane_counts = np.bincount(train_rows[:, 3], train_rows[:, 2] - train_rows[:, 1], minlength=len(group))
             lane_counts = torch.from_numpy(lane_counts).float().to(device).clamp_min(1.0)
             for _ in range(args.ttt_steps):
-                ttt_train_step(model, params, tokens, share(train_rows), lane_counts, depth, seq_len, train_batch, lora,
-                               shared)
+                ttt_train_step(model, params, tokens, share(train_rows), lane_counts, plan, seq_len=seq_len,
+                               batch=train_batch, lora=lora, shared=shared)
                 if full:
                     torch.nn.utils.clip_grad_norm_(params, TTT_GRAD_CLIP)
                 opt.step()
@@ -2560,12 +2620,12 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depth: in
     adapted = torch.tensor([float(adapted)], dtype=torch.float64, device=device)
     if not shared and dist.is_available() and dist.is_initialized():
         dist.all_reduce(adapted, op=dist.ReduceOp.SUM)  # each rank counted its own documents
-    return TTTScore(*loss_and_bpb(sums), adapted.item() / n)
+    return TTTScore(*loss_and_bpb(sums), adapted.item() / n, positions)
 
 
-def prime_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depths: list[int], world_size: int,
+def prime_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, plans: list[tuple[Layer, ...]], world_size: int,
               device: torch.device) -> None:
-    """Compile TTT's graphs (scoring, and adapting with its backward) at every depth, at the batch
+    """Compile TTT's graphs (scoring, and adapting with its backward) of every plan, at the batch
     shapes of `world_size` ranks: TTT on a synthetic document of two chunks, each rank alone (so
     each compiles them all). No validation token is read."""
     tokens = torch.randint(0, args.vocab_size, (2 * args.ttt_chunk_tokens + 1,), generator=torch.Generator().manual_seed(args.seed))
@@ -2573,8 +2633,8 @@ def prime_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, depths: 
     tokens[0] = BOS_ID
     flags = torch.zeros(args.vocab_size, dtype=torch.bool, device=device)
     luts = ByteLUTs(torch.ones(args.vocab_size, dtype=torch.int16, device=device), flags, flags)
-    for depth in depths:
-        eval_ttt(model, base_model, args, depth, tokens, luts, batch_rows=ttt_batch_rows(args, world_size))
+    for plan in plans:
+        eval_ttt(model, base_model, args, plan, tokens, luts, batch_rows=ttt_batch_rows(args, world_size))
 # <<< ttt
 
 
@@ -2615,14 +2675,14 @@ def clip_factors(args: Hyperparameters) -> list[float]:
     return [float(f) for f in args.gptq_clip_factors.split(",")]
 
 
-def gptq_hessians(model: GPT, args: Hyperparameters, train_files: list[Path], depth: int,
+def gptq_hessians(model: GPT, args: Hyperparameters, train_files: list[Path], plan: tuple[Layer, ...],
                   device: torch.device) -> dict[str, Tensor]:
     """X^T X of the inputs of every linear the export quantizes, by weight name, summed over the
     calibration tokens and over every call: a block the plan runs n times sees n passes."""
     hessians: dict[str, Tensor] = {}
 
     def accumulate(name: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        def hook(_module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
             x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
             with torch.autocast(x.device.type, enabled=False):  # the forward's bf16 autocast would round the sum
                 hessians[name] = x.T @ x if name not in hessians else hessians[name].addmm_(x.T, x)
@@ -2636,7 +2696,7 @@ def gptq_hessians(model: GPT, args: Hyperparameters, train_files: list[Path], de
     try:
         with torch.no_grad(), autocast(device):
             for i in range(0, x.size(0), batch):
-                model(x[i : i + batch], y[i : i + batch], depth)
+                model(x[i : i + batch], y[i : i + batch], plan)
     finally:
         for hook in hooks:
             hook.remove()
@@ -2709,13 +2769,13 @@ def gptq_export(trainer: Trainer) -> dict[str, tuple[Tensor, Tensor]]:
     run, args = trainer.run, trainer.args
     synchronize(run.device)
     t0 = time.perf_counter()
-    hessians = gptq_hessians(run.base_model, args, run.train_files, trainer.depth, run.device)
+    hessians = gptq_hessians(run.base_model, args, run.train_files, trainer.stage.plan, run.device)
     rounded = gptq_round(run.base_model.state_dict(), hessians, args)
     synchronize(run.device)
     gptq_ms = 1000.0 * (time.perf_counter() - t0)
-    trainer.clock.elapsed_ms += gptq_ms
+    trainer.clock.add_ms(gptq_ms)
     trainer.log(f"gptq calibration:train_tokens seqs:{args.gptq_calib_seqs} tokens:{args.gptq_calib_seqs * args.train_seq_len} "
-                f"depth:{trainer.depth} matrices:{len(rounded)} act_order:{args.gptq_act_order} damp:{args.gptq_damp} "
+                f"depth:{trainer.stage.depth} matrices:{len(rounded)} act_order:{args.gptq_act_order} damp:{args.gptq_damp} "
                 f"time:{gptq_ms:.0f}ms train_time_with_gptq:{trainer.clock.elapsed_ms:.0f}ms")
     return rounded
 # <<< gptq
@@ -2744,6 +2804,14 @@ class EMA:
     def copy_to_model(self) -> None:
         for p, s in zip(self.params, self.shadow):
             p.copy_(s)
+
+
+def set_ema_shadow(trainer: Trainer, shadow: list[Tensor] | None) -> None:
+    if trainer.ema is not None:
+        trainer.ema.shadow = [t.to(trainer.run.device) for t in shadow]
+
+
+TRAINER_STATE["ema"] = (lambda trainer: None if trainer.ema is None else trainer.ema.shadow, set_ema_shadow)
 # <<< ema
 
 
@@ -2757,9 +2825,7 @@ def checkpoint_settings(h: Hyperparameters) -> None:
 
 
 EXTENSION_SETTINGS.append(checkpoint_settings)
-
-
-CLOCK_FIELDS = ("local_ms", "elapsed_ms", "sync_step", "phase_step", "phase_ms", "step_ms")  # TrainClock's state
+RESUMABLE_SETTINGS.update({"resume_from", "checkpoint_every", "checkpoint_keep"})
 
 
 def rng_state(device: torch.device) -> dict:
@@ -2777,17 +2843,19 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# Settings a resumed run may change: naming, checkpointing, and what only evaluation and logging
-# read (the EVAL_ and TTT_ groups too). Paths are compared resolved.
-RESUMABLE_KEYS = ("run_id", "resume_from", "checkpoint_every", "checkpoint_keep", "val_loss_every", "train_log_every",
-                  "val_batch_size", "size_check")
-CHECKPOINT_FORMAT = "checkpoint_v2"
+TRAINER_STATE["rng"] = (lambda trainer: rng_state(trainer.run.device), lambda trainer, state: set_rng_state(state, trainer.run.device))
+TRAINER_STATE["loader"] = (lambda trainer: (trainer.loader.stream.file_idx, trainer.loader.stream.pos),
+                           lambda trainer, position: trainer.loader.stream.seek(*position))
+
+
+CHECKPOINT_FORMAT = "checkpoint_v3"
 CHECKPOINT_NAME = re.compile(r"step(\d+)\.pt")
 
 
 def checkpoint_config(args: Hyperparameters) -> dict[str, str]:
+    """The settings a resumed run must share with the checkpoint's (paths compared resolved)."""
     return {k: str(Path(v).resolve()) if k in ("data_path", "tokenizer_path") else str(v)
-            for k, v in sorted(vars(args).items()) if k not in RESUMABLE_KEYS and not k.startswith(("eval_", "ttt_"))}
+            for k, v in sorted(vars(args).items()) if k not in RESUMABLE_SETTINGS}
 
 
 def checkpoint_step(path: Path) -> int:
@@ -2834,9 +2902,10 @@ def load_checkpoint(path: Path, args: Hyperparameters, world_size: int, code: st
     return ckpt
 
 
-def resume_checkpoint(args: Hyperparameters, world_size: int, code: str) -> dict | None:
+def resume_checkpoint(args: Hyperparameters, world_size: int, code: str) -> tuple[dict | None, int | None]:
     """Rank 0, before the run writes anything: the header of the checkpoint to resume from, if any
-    (its path, step, run, log length and sha256; read_checkpoint gives every rank its state).
+    (its path, step, run, log length and sha256; read_checkpoint gives every rank its state), and the
+    length the run's own log is cut back to, to be continued (None: a new log).
     Refuses checkpoints this run would mix with (RESUME_FROM=latest and pruning would confuse them),
     and removes a checkpoint write a crash interrupted."""
     path, ckpt = resolve_resume(args), None
@@ -2852,7 +2921,10 @@ def resume_checkpoint(args: Hyperparameters, world_size: int, code: str) -> dict
             if own else "of another run: continue it with RESUME_FROM=latest, or choose another RUN_ID"))
     for cut_short in directory.glob(".step*.pt.tmp*"):
         cut_short.unlink()
-    return ckpt
+    log = Path("logs", f"{args.run_id}.txt")
+    if ckpt and ckpt["run_id"] == args.run_id and log.is_file() and log.stat().st_size >= ckpt["log_bytes"]:
+        return ckpt, ckpt["log_bytes"]
+    return ckpt, None
 
 
 def file_sha256(path: Path) -> str:
@@ -2940,6 +3012,7 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> tuple
 def size_guard_settings(h: Hyperparameters) -> None:
     h.size_check = h._get("SIZE_CHECK", "refuse")
     check_choice("SIZE_CHECK", h.size_check, ("refuse", "warn"))
+    RESUMABLE_SETTINGS.add("size_check")
 
 
 EXTENSION_SETTINGS.append(size_guard_settings)
@@ -2991,6 +3064,19 @@ def size_verdict(estimate: int, args: Hyperparameters) -> str:
 
 
 # >>> input_checks: deeper checks of what others made: setting look-alikes, token ids, artifact schema, torch
+def known_settings() -> set[str]:
+    """Every environment variable Hyperparameters reads."""
+    names: set[str] = set()
+
+    class Recorder(dict):
+        def get(self, key, default=None):
+            names.add(key)
+            return default
+
+    Hyperparameters(Recorder())
+    return names
+
+
 MIN_TORCH = (2, 5)  # SDPA's enable_gqa (2.5) and F.rms_norm (2.4)
 
 
@@ -3003,7 +3089,7 @@ def check_torch_version(version: str) -> None:
 
 def setting_warnings(env: Mapping[str, str]) -> list[str]:
     """A warning for each variable that looks like one of ours but is not: close to a known name (a
-    typo), or any name with a prefix that several of ours share (TTT_, DEQ_, EVAL_, ...)."""
+    typo), or any name with a prefix that several of ours share (EVAL_, MUON_, ...)."""
     known = known_settings()
     prefixes = [p for p in {n.split("_")[0] for n in known} if sum(n.startswith(p + "_") for n in known) > 1]
     warnings = []

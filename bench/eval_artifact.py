@@ -21,31 +21,32 @@ import train_gpt  # noqa: E402
 
 def scoring_setup(state: dict, device: torch.device, source: str):
     """The model of the environment's shape holding `state`, the validation tokens, the byte
-    tables, the last scheduled depth, and the plain (baseline) evaluation of them."""
+    tables, the last stage (its depth and layer plan), and the plain (baseline) evaluation of them."""
     args = train_gpt.Hyperparameters()
     args.validate()
     model = train_gpt.GPT(args).to(device)
     train_gpt.load_weights(model, state, source)
-    val_tokens = train_gpt.load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
+    val_tokens = train_gpt.load_validation_tokens(args.val_files, args.train_seq_len)
     luts = train_gpt.build_byte_luts(spm.SentencePieceProcessor(model_file=args.tokenizer_path), args.vocab_size, device)
-    depth = args.layer_schedule[-1][1]
-    plain = lambda: train_gpt.evaluate(model, val_tokens, luts, depth, args.train_seq_len, args.train_seq_len,
-                                       train_gpt.val_batch_seqs(args, 1))
-    return args, model, val_tokens, luts, depth, plain
+    stage = train_gpt.run_stages(args)[-1]
+    plain = lambda: train_gpt.evaluate(model, stage.plan, val_tokens, luts, seq_len=args.train_seq_len,
+                                       stride=args.train_seq_len, batch=train_gpt.plain_eval_batch(args, 1))[:2]
+    return args, model, val_tokens, luts, stage, plain
 
 
 def main(path: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args, model, val_tokens, luts, depth, plain = scoring_setup(train_gpt.load_artifact(path), device, path)
+    args, model, val_tokens, luts, stage, plain = scoring_setup(train_gpt.load_artifact(path), device, path)
     n = val_tokens.numel() - 1
     runs = {"plain": plain}
     if args.eval_stride:
         runs[f"sliding stride:{args.eval_stride}"] = lambda: train_gpt.evaluate(
-            model, val_tokens, luts, depth, args.eval_seq_len, args.eval_stride, args.eval_batch_seqs)
+            model, stage.plan, val_tokens, luts, seq_len=args.eval_seq_len, stride=args.eval_stride,
+            batch=args.eval_batch_seqs)[:2]
     if args.ttt_enabled:
         runs[f"ttt {args.ttt_mode}/{args.ttt_reset}"] = lambda: train_gpt.eval_ttt(
-            model, model, args, depth, val_tokens, luts)
-    print(f"artifact:{path} depth:{depth} val_tokens:{n} device:{device.type}")
+            model, model, args, stage.plan, val_tokens, luts)[:2]
+    print(f"artifact:{path} depth:{stage.depth} val_tokens:{n} device:{device.type}")
     for name, run in runs.items():
         t0 = time.perf_counter()
         loss, bpb = run()[:2]

@@ -33,16 +33,16 @@ VAL_TOKENS = int(os.environ.get("VAL_TOKENS", 62_021_632))
 VAL_DOCS = int(os.environ.get("VAL_DOCS", 50_000))
 
 
-def forward_flops(model: train_gpt.GPT, seqs: int, seq_len: int, depth: int) -> float:
+def forward_flops(model: train_gpt.GPT, seqs: int, seq_len: int, plan: tuple) -> float:
     x = torch.zeros(seqs, seq_len, dtype=torch.int64)
     with FlopCounterMode(display=False) as counter:  # (its module tracker fails under no_grad)
-        model(x, x, depth)
+        model(x, x, plan)
     return float(counter.get_total_flops())
 
 
 def doc_lengths(args: train_gpt.Hyperparameters) -> tuple[list[int], str]:
     if glob.glob(args.val_files):
-        tokens = train_gpt.load_validation_tokens(args.val_files, args.train_seq_len, args.vocab_size)
+        tokens = train_gpt.load_validation_tokens(args.val_files, args.train_seq_len)
         return [s1 - s0 for s0, s1 in train_gpt.doc_segments(tokens)], f"the documents of {args.val_files}"
     size = VAL_TOKENS // VAL_DOCS
     return [size] * (VAL_DOCS - 1) + [VAL_TOKENS - size * (VAL_DOCS - 1)], f"{VAL_TOKENS:,} tokens in {VAL_DOCS:,} equal documents"
@@ -76,21 +76,21 @@ def ttt_forwards(lengths: list[int], args: train_gpt.Hyperparameters) -> int:
 def main() -> None:
     args = train_gpt.Hyperparameters()
     args.validate(8)
-    depth, seq_len = args.layer_schedule[-1][1], args.eval_seq_len
+    stage, seq_len = train_gpt.run_stages(args)[-1], args.eval_seq_len
     model = train_gpt.GPT(args).requires_grad_(False)
-    per_window = forward_flops(model, 1, seq_len, depth)
-    rate = 3 * forward_flops(model, 1, args.train_seq_len, RECORD_DEPTH) * RECORD_STEP_TOKENS / args.train_seq_len / RECORD_STEP_S
+    per_window = forward_flops(model, 1, seq_len, stage.plan)
+    rate = 3 * forward_flops(model, 1, args.train_seq_len, train_gpt.layer_plan(args, RECORD_DEPTH)) * RECORD_STEP_TOKENS / args.train_seq_len / RECORD_STEP_S
     lengths, source = doc_lengths(args)
     n = sum(lengths)
     stride, chunk = args.eval_stride or seq_len, args.ttt_chunk_tokens
     windows = lambda length, size, step: len(train_gpt.window_blocks(0, 0, length, size, step, size))
     modes = {
-        "roundtrip": padded(windows(n, args.train_seq_len, args.train_seq_len), train_gpt.val_batch_seqs(args, RANKS))
+        "roundtrip": padded(windows(n, args.train_seq_len, args.train_seq_len), train_gpt.plain_eval_batch(args, RANKS))
                      * args.train_seq_len / seq_len,
         f"sliding stride:{stride}": padded(windows(n, seq_len, stride), args.eval_batch_seqs),
         f"ttt {args.ttt_mode}/{args.ttt_reset} chunk:{chunk} steps:{args.ttt_steps}": ttt_forwards(lengths, args),
     }
-    print(f"config: model_params:{sum(p.numel() for p in model.parameters())} depth:{depth} eval_seq_len:{seq_len} "
+    print(f"config: model_params:{sum(p.numel() for p in model.parameters())} depth:{stage.depth} eval_seq_len:{seq_len} "
           f"forward_flops_per_token:{per_window / seq_len:.4g}")
     print(f"validation: {source} ({n:,} positions)")
     print(f"calibration: {rate / 8 / 1e12:.1f} TFLOP/s per GPU, from the record's {RECORD_STEP_S * 1000:.0f} ms "

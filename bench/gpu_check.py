@@ -134,7 +134,7 @@ def model_flops_per_token(env: dict[str, str], depth: int) -> float:
         model = train_gpt.GPT(args)
         x = torch.zeros(1, args.train_seq_len, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
-        model(x, x, depth)[0].mean().backward()
+        model(x, x, train_gpt.layer_plan(args, depth))[0].mean().backward()
     return counter.get_total_flops() / args.train_seq_len
 
 
@@ -159,11 +159,11 @@ def read_rows(check: Check, log: str, peak: float | None) -> list[dict]:
             m = last(rf"^{key} (?:stride:\d+ )?val_loss:\S+ val_bpb:(\S+) eval_time:(\d+)ms$", log)
             rows.append({**common, "check": f"{label}_eval", **({"note": f"eval {m.group(2)}ms val_bpb {m.group(1)}"} if m else {})})
         return rows
-    rows, start = [], 0
+    rows, start, solve = [], 0, last(r"^deq_solve_start step:(\d+) ", log)
     for m in re.finditer(r"^phase_end depth:(\d+) steps:(\d+) phase_step_avg:(\S+)ms(?: peak_alloc:(\d+)MiB)?$", log, re.M):
         depth, steps, ms = int(m.group(1)), int(m.group(2)), float(m.group(3))
         first = [v for s, v in losses if start < s <= start + steps][:3]
-        label = "solve" if check.name == "deq" and depth == 0 else str(depth)
+        label = f"{depth} solve" if solve and start >= int(solve.group(1)) else str(depth)
         row = {**common, "check": check.name if check.name != "record" else f"record_d{depth}", "depth": label,
                "ms_step": f"{ms:.1f}", "tokens_s": f"{batch_tokens / ms * 1000:,.0f}", "peak_mib": m.group(4) or "-",
                "losses": ",".join(f"{v:.3f}" for v in first)}

@@ -70,11 +70,11 @@ def without_byte_planes(state: dict, args, rounded) -> int:
 def measure(path: str, formats: list[str]) -> dict[str, tuple[int, float]]:
     """(artifact bytes, quant gap) of each format on the model at `path`."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    _, model, _, _, depth, plain = scoring_setup(state, torch.device("cpu"), path)
+    _, model, _, _, stage, plain = scoring_setup(state, torch.device("cpu"), path)
     score = lambda: plain()[1]
     float_bpb = score()
     params = sum(t.numel() for t in state.values())
-    print(f"model:{path} depth:{depth} params:{params} float val_bpb:{float_bpb:.6f}", flush=True)
+    print(f"model:{path} depth:{stage.depth} params:{params} float val_bpb:{float_bpb:.6f}", flush=True)
     hessians, results = None, {}
     for name in formats:
         args = train_gpt.Hyperparameters({**os.environ, **FORMATS[name]})
@@ -83,7 +83,7 @@ def measure(path: str, formats: list[str]) -> dict[str, tuple[int, float]]:
             if hessians is None:  # the inputs do not depend on the format: calibrate once per model
                 t0 = time.perf_counter()
                 model.load_state_dict(state, strict=True)
-                hessians = train_gpt.gptq_hessians(model, args, train_gpt.train_shard_files(args.train_files), depth,
+                hessians = train_gpt.gptq_hessians(model, args, train_gpt.train_shard_files(args.train_files), stage.plan,
                                                    torch.device("cpu"))
                 print(f"calibration: {args.gptq_calib_seqs} training sequences, {len(hessians)} matrices, "
                       f"{time.perf_counter() - t0:.1f}s", flush=True)

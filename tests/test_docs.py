@@ -63,12 +63,6 @@ def test_variables_read_outside_hyperparameters_are_in_the_torchrun_table():
     assert set(torchrun) == direct, f"(the {TORCHRUN_HEADING!r} table) " + differences(set(torchrun), direct)
 
 
-# Names the code map uses that another change to train_gpt.py introduces; until it lands, the
-# test below is an expected failure naming them. Remove this set once train_gpt.py has them.
-PENDING_NAMES = {"forward_backward", "Trainer.train_step", "plain_eval_batch", "Run.train_model", "lr_multiplier",
-                 "LAYER_KINDS"}
-
-
 def code_map_names() -> list[str]:
     """The names in the second column of the code map's table of sections (before its first
     subsection): `Class` (`method`, ...) gives Class.method."""
@@ -99,10 +93,7 @@ def test_the_code_map_names_what_train_gpt_defines():
     names = code_map_names()
     assert len(names) > 40 and "Hyperparameters._run" in names  # the table was found and read
     missing = sorted({name for name in names if not defined(name)})
-    assert not set(missing) - PENDING_NAMES, f"the README's code map names what train_gpt.py does not define: " \
-                                             f"{sorted(set(missing) - PENDING_NAMES)}"
-    if missing:
-        pytest.xfail(f"names of a pending change to train_gpt.py: {missing}")
+    assert not missing, f"the README's code map names what train_gpt.py does not define: {missing}"
 
 
 def anchors(path: Path) -> set[str]:
