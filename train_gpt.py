@@ -652,9 +652,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mode: Mode) -> Tensor:
         bsz, seq_len, dim = x.shape
-        q, k, v = self.c_q(x, mode), self.c_k(x, mode), self.c_v(x, mode)
+        q = self.c_q(x, mode)
         # >>> ttt
-        q, v = add_lora(q, x, mode, f"{self.ttt_key}.c_q"), add_lora(v, x, mode, f"{self.ttt_key}.c_v")
+        q = add_lora(q, x, mode, f"{self.ttt_key}.c_q")  # before c_k, as the gradients' order of summation has it
+        # <<< ttt
+        k, v = self.c_k(x, mode), self.c_v(x, mode)
+        # >>> ttt
+        v = add_lora(v, x, mode, f"{self.ttt_key}.c_v")
         # <<< ttt
         q = q.view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -1806,7 +1810,7 @@ class Trainer:
         args, clock, log = self.args, self.clock, self.log
         log(describe_lr_schedule(args, clock.cap_ms is not None))
         self.begin_stage(self.stage)
-        later = [stage for stage in self.stages if stage.start > self.step]
+        later = self.stages[self.stages.index(self.stage) + 1:]
         clock.resume()
         while True:
             last_step = self.step == args.iterations or self.stop
@@ -2293,6 +2297,7 @@ def deq_settings(h: Hyperparameters) -> None:
     h.deq_warmup_steps = h._get("DEQ_WARMUP_STEPS", 200, "[0,)")
     h.deq_iters = h._get("DEQ_ITERS", 8, "[2,)")
     h.eval_deq_iters = h._get("EVAL_DEQ_ITERS", 16, "[2,)")
+    RESUMABLE_SETTINGS.add("eval_deq_iters")
     h.deq_tol = h._get("DEQ_TOL", 0.0, "[0,)")
     h.anderson_m = h._get("ANDERSON_M", 5, "[1,)")
     h.anderson_lambda = h._get("ANDERSON_LAMBDA", 1e-4, "[0,)")
