@@ -1418,6 +1418,16 @@ class TrainClock:
             setattr(self, k, v)
 
 
+def training_cap_ms(args: Hyperparameters) -> float | None:
+    """The training loop's wallclock cap (None: none)."""
+    cap_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
+    # >>> gptq
+    if cap_ms and args.quant_method == "gptq":  # GPTQ's calibration and rounding are training time
+        cap_ms -= 1000.0 * args.gptq_reserve_seconds
+    # <<< gptq
+    return cap_ms
+
+
 def lr_multiplier(args: Hyperparameters, clock: TrainClock, step: int) -> float:
     """The LR schedule: 1, then linear to 0 over the last WARMDOWN_ITERS steps, which a capped run
     estimates from its step time."""
@@ -1674,12 +1684,7 @@ class Trainer:
         self.val = Score(float("nan"), float("nan"), {}, None)  # the last validation's
         self.graphs_after_warmup = 0
         self.loader = DistributedTokenLoader(run.train_files, run.rank, run.world_size, run.device)
-        cap_ms = 1000.0 * self.args.max_wallclock_seconds if self.args.max_wallclock_seconds > 0 else None
-        # >>> gptq
-        if cap_ms and self.args.quant_method == "gptq":  # GPTQ's calibration and rounding are training time
-            cap_ms -= 1000.0 * self.args.gptq_reserve_seconds
-        # <<< gptq
-        self.clock = TrainClock(cap_ms, run.device, run.distributed)
+        self.clock = TrainClock(training_cap_ms(self.args), run.device, run.distributed)
         # >>> ema
         self.ema = EMA(run.base_model, self.args.ema_decay) if self.args.ema_decay > 0 else None
         # <<< ema

@@ -81,31 +81,34 @@ def val_stream(n: int) -> torch.Tensor:
 
 
 def run_every_path(args: train_gpt.Hyperparameters, ttt_modes: tuple[dict, ...] = ({},)) -> list[float]:
-    """Train one step at every scheduled depth (and the DEQ solve), then score the stream plainly,
-    with sliding windows and with TTT, as main() does; returns every loss and bpb."""
+    """Train one step at every stage's plan (DEQ's solve too), then score the stream plainly, with
+    sliding windows and with TTT at the last stage, as main() does; returns every loss and bpb."""
     torch.manual_seed(0)
     device = torch.device("cpu")
     model = train_gpt.GPT(args)
     model.tok_emb.bfloat16()  # as main() does under bf16 numerics
     optimizers = train_gpt.build_optimizers(model, args)
-    depths = train_gpt.scheduled_depths(args)
+    plans = list(dict.fromkeys(stage.plan for stage in train_gpt.run_stages(args)))
     mode = train_gpt.training_mode(args, torch.ones(()))
     g = torch.Generator().manual_seed(1)
     batch = lambda: train_gpt.inputs_and_targets(torch.randint(0, args.vocab_size, (2 * args.train_seq_len + 1,), generator=g),
                                                  args.train_seq_len)
     scores = []
-    for depth in depths:
-        scores.append(float(train_gpt.train_step(model, batch, depth, mode, args, 1, device, False)[0]))
+    for layers in plans:
+        with train_gpt.autocast(device):
+            loss = model(*batch(), layers, mode)[0].mean()
+        loss.backward()
+        scores.append(float(loss))
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-    tokens, luts, depth = val_stream(300), byte_luts(args.vocab_size), depths[-1]
+    tokens, luts, layers = val_stream(300), byte_luts(args.vocab_size), plans[-1]
     for stride in (args.train_seq_len, 8):
-        scores += train_gpt.evaluate(model, tokens, luts, depth, args.train_seq_len, stride, 8)
+        scores += train_gpt.evaluate(model, layers, tokens, luts, seq_len=args.train_seq_len, stride=stride, batch=8)[:2]
     for ttt in ttt_modes:
         ttt_args = types.SimpleNamespace(**{**vars(args), "eval_stride": 8, "ttt_chunk_tokens": 64, "ttt_batch_docs": 3,
                                             **{k.lower(): v for k, v in ttt.items()}})
-        scores += train_gpt.eval_ttt(model, model, ttt_args, depth, tokens, luts)
+        scores += train_gpt.eval_ttt(model, model, ttt_args, layers, tokens, luts)[:3]
     return scores
 
 

@@ -1,4 +1,4 @@
-"""Seed-LoRA: random maps regenerated from seeds, stored as adapters + seeds + checksums."""
+"""seed_lora: random maps regenerated from seeds, stored as adapters + seeds + checksums."""
 from __future__ import annotations
 
 import hashlib
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, tiny_args, tiny_model
-from test_model import batch
+from conftest import REPO, batch, tiny_args, tiny_model, plan
 
 WIDE = dict(MODEL_DIM="128", MLP_MULT="5", NUM_LAYER_SCHEDULE="0:2")
 
@@ -42,7 +41,7 @@ def test_random_maps_are_not_stored_and_reload_gives_identical_logits(tmp_path):
     model.eval()
     fresh.eval()
     with torch.no_grad():
-        assert torch.equal(model(x, y, 2)[0], fresh(x, y, 2)[0])
+        assert torch.equal(model(x, y, plan(model, 2))[0], fresh(x, y, plan(model, 2))[0])
         # through the quantized artifact the adapters are rounded, the maps regenerated exactly
         path = str(tmp_path / "m.ptz")
         train_gpt.write_atomic(path, train_gpt.serialize_artifact(state, model.args))
@@ -50,7 +49,7 @@ def test_random_maps_are_not_stored_and_reload_gives_identical_logits(tmp_path):
         assert all(torch.equal(a.random_map, b.random_map) for a, b in zip(
             (m for m in model.modules() if isinstance(m, train_gpt.SeedLoRALinear)),
             (m for m in fresh.modules() if isinstance(m, train_gpt.SeedLoRALinear))))
-        assert (model(x, y, 2)[0] - fresh(x, y, 2)[0]).abs().max() < 0.05
+        assert (model(x, y, plan(model, 2))[0] - fresh(x, y, plan(model, 2))[0]).abs().max() < 0.05
 
 
 def test_tampered_checksum_is_refused():
@@ -59,6 +58,14 @@ def test_tampered_checksum_is_refused():
     state["block.mlp.fc.checksum"] = state["block.mlp.fc.checksum"] + 1
     with pytest.raises(train_gpt.RunError, match="block.mlp.fc.random_map: regenerating seed"):
         tiny_model(SEED_LORA_RANK="4", **WIDE).load_state_dict(state)
+
+
+def test_seed_lora_of_another_width_is_a_shape_error_not_a_checksum_error():
+    lora = dict(SEED_LORA_RANK="4", SEED_LORA_TARGETS="all")
+    state = tiny_model(MODEL_DIM="64", **lora).state_dict()
+    with pytest.raises(train_gpt.RunError) as error:
+        train_gpt.load_weights(tiny_model(**lora), state, "a.ptz")
+    assert "size mismatch" in str(error.value) and "checksum" not in str(error.value)
 
 
 def test_seed_lora_artifact_is_smaller_than_the_dense_model():
@@ -73,7 +80,7 @@ def test_seed_lora_artifact_is_smaller_than_the_dense_model():
 def test_adapters_train_and_the_map_stays_frozen():
     model = tiny_model(randomize=True, SEED_LORA_RANK="4", **WIDE)
     x, y = batch(model.args)
-    model(x, y, 2)[0].mean().backward()
+    model(x, y, plan(model, 2))[0].mean().backward()
     fc = model.block.mlp.fc
     assert fc.lora_a.grad is not None and fc.lora_b.grad.abs().sum() > 0
     assert not fc.random_map.requires_grad and "random_map" not in dict(model.named_parameters())

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import REPO  # noqa: E402
-from test_strip import submission  # noqa: E402
+from conftest import REPO, submission  # noqa: E402
 
 SYSTEMS = sorted(set(submission.OPENING.findall((REPO / "train_gpt.py").read_text())))
 # Words that name a system; the core kept without it must not use them (comments included).
