@@ -1,7 +1,6 @@
-"""GPTQ export (the gptq system) and per-class code widths: GPTQ lowers the output error of a
-matrix below round-to-nearest's on the same grid; the shared block's Hessian sums every pass;
-calibration reads training tokens only (an artifact does not change with the validation split);
-a capped run reserves GPTQ's time; each class of matrix gets its own width in the artifact."""
+"""gptq: GPTQ export lowers the output error of a matrix below round-to-nearest's on the same
+grid; the shared block's Hessian sums every pass; calibration reads training tokens only (an
+artifact does not change with the validation split); a capped run reserves GPTQ's time."""
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_patched, run_script, tiny_args, tiny_model
 import train_gpt
+from conftest import REPO, run_patched, run_script, tiny_args, tiny_model
 
 sys.path.insert(0, str(REPO / "data"))
 from shards import read_shard, write_shard  # noqa: E402
@@ -87,28 +86,7 @@ def test_a_capped_gptq_run_stops_training_its_reserve_early():
     assert clock(QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS="30").cap_ms == 570_000
 
 
-def test_each_class_of_matrix_gets_its_own_width(monkeypatch):
-    monkeypatch.setattr(train_gpt, "KEEP_FLOAT_MAX_NUMEL", 0)
-    env = {"ATTN_BITS": "6", "MLP_BITS": "5", "EMBED_BITS": "8", "HEAD_BITS": "7"}
-    model = tiny_model(randomize=True, **env)
-    obj = train_gpt.quantize_state_dict(model.state_dict(), model.args)
-    assert train_gpt.check_schema(obj) is None
-    expected = lambda name: 7 if name.startswith("lm_head") else 8 if name.startswith("tok_emb") else \
-        6 if ".attns." in name else 5
-    assert obj["bits"] and all(bits == expected(name) for name, bits in obj["bits"].items())
-    assert {".attns.", ".mlp."} <= {k for name in obj["bits"] for k in (".attns.", ".mlp.") if k in name}
-    for name, codes in obj["quantized"].items():
-        assert codes.abs().max() <= train_gpt.qmax(obj["bits"][name])
-    assert train_gpt.format_name(model.args) == "int6a5m+zlib"
-    assert train_gpt.format_name(tiny_args(QUANT_BITS="6")) == "int6+zlib"
-    state = model.state_dict()
-    assert train_gpt.estimate_artifact_bytes(state, model.args) < train_gpt.estimate_artifact_bytes(state, tiny_args())
-    obj["bits"][next(iter(obj["bits"]))] = 3
-    assert "codes, bits and steps" in train_gpt.check_schema(obj)
-    with pytest.raises(train_gpt.RunError, match="ATTN_BITS=3"):
-        tiny_args(ATTN_BITS="3")
-
-
+@pytest.mark.slow
 def test_gptq_calibration_reads_no_validation_token(tmp_path, dataset):
     """Two runs that differ only in their validation split write the same GPTQ artifact (and score
     differently): the export read none of it. The compliance line names the calibration data."""
@@ -151,6 +129,7 @@ def test_calibration_reads_the_streams_first_tokens_and_no_more(tmp_path, datase
     assert reads == [257]  # tokens, not a whole shard (the header is read apart)
 
 
+@pytest.mark.slow
 def test_two_ranks_calibrate_and_round_once_on_rank_0(tmp_path, dataset):
     patch = ("import os\n"
              "hessians = train_gpt.gptq_hessians\n"

@@ -1,5 +1,5 @@
-"""The PR #1088 architecture: parameter count, weight sharing, per-depth controls, compile
-behaviour across depths and QAT under compile."""
+"""MODEL: the PR #1088 architecture (parameter count, weight sharing, per-depth controls), the
+stem/core/tail stack and the layer plan it runs, compile behaviour across depths, and QAT."""
 from __future__ import annotations
 
 import pytest
@@ -7,13 +7,7 @@ import torch
 import torch._dynamo
 
 import train_gpt
-from conftest import tiny_args, tiny_model
-
-
-def batch(args, seqs: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, args.vocab_size, (seqs * args.train_seq_len + 1,), generator=g)
-    return train_gpt.inputs_and_targets(tokens, args.train_seq_len)
+from conftest import UNET_STACK, batch, tiny_args, tiny_model
 
 
 def test_default_config_is_the_pr1088_record():
@@ -51,6 +45,76 @@ def test_depth_controls_are_independent_per_depth():
     assert not torch.allclose(before[6], after[6])
 
 
+def test_core_passes_sit_between_stem_and_tail():
+    model = tiny_model(randomize=True, NUM_STEM_BLOCKS="2", NUM_TAIL_BLOCKS="2", NUM_LAYER_SCHEDULE="0:3")
+    order = []
+    for name, module in [("stem0", model.stem[0]), ("stem1", model.stem[1]), ("core", model.block),
+                         ("tail0", model.tail[0]), ("tail1", model.tail[1])]:
+        module.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+    x, y = batch(model.args)
+    with torch.no_grad():
+        model(x, y, 3)[0]
+    assert order == ["stem0", "stem1", "core", "core", "core", "tail0", "tail1"]
+
+
+def test_bad_stem_tail_settings_name_the_variable():
+    with pytest.raises(train_gpt.RunError, match="NUM_STEM_BLOCKS=-1 must be at least 0"):
+        tiny_args(NUM_STEM_BLOCKS="-1")
+    # UNET_WEIGHTS=2 needs core passes on both sides of the stack's middle
+    with pytest.raises(train_gpt.RunError, match="UNET_WEIGHTS=2 needs core passes in both halves"):
+        tiny_args(UNET_SKIPS="1", UNET_WEIGHTS="2", NUM_STEM_BLOCKS="3", NUM_LAYER_SCHEDULE="0:2")
+    tiny_args(UNET_SKIPS="1", UNET_WEIGHTS="2", NUM_STEM_BLOCKS="1", NUM_TAIL_BLOCKS="1", NUM_LAYER_SCHEDULE="0:2")
+
+
+def blocks_called(model: train_gpt.GPT, depth: int) -> list[str]:
+    names = {module: name for name, module in model.named_modules() if isinstance(module, train_gpt.Block)}
+    called = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: called.append(names[m])) for m in names]
+    x = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        model(x, x, depth)
+    for h in hooks:
+        h.remove()
+    return called
+
+
+def test_the_forward_runs_the_blocks_the_plan_lists_in_its_order():
+    model = tiny_model(randomize=True, **UNET_STACK)
+    plan = train_gpt.layer_plan(model.args, 4)
+    assert train_gpt.describe_plan(4, plan) == ("layer_plan depth:4 layers:6 stem.0@0>skip block@1>skip block@2>skip "
+                                                "skip0+decoder_block@3 skip1+decoder_block@4 skip2+tail.0@5")
+    assert blocks_called(model, 4) == [layer.block for layer in plan]
+    assert blocks_called(model, 2) == ["stem.0", "block", "decoder_block", "tail.0"]
+    assert model.controls.rows == 1 + 4 + 1 and model.skip_weights.shape[0] == 3
+
+
+def test_routed_and_solved_layers_are_kinds_of_the_plan():
+    mod = train_gpt.layer_plan(tiny_model(MOD_CAPACITY="0.5", MOD_EVERY="2", NUM_LAYER_SCHEDULE="0:4").args, 4)
+    assert [layer.kind for layer in mod] == ["block", "routed", "block", "routed"]
+    deq_args = tiny_model(DEQ="1", NUM_STEM_BLOCKS="1", NUM_TAIL_BLOCKS="1", NUM_LAYER_SCHEDULE="0:2").args
+    assert train_gpt.describe_plan(0, train_gpt.layer_plan(deq_args, train_gpt.DEQ_SOLVE)).endswith(
+        "stem.0@0 block@1:solve tail.0@2")
+    assert [str(layer) for layer in train_gpt.layer_plan(deq_args, 2)] == ["stem.0@0", "block@1", "block@1", "tail.0@2"]
+
+
+@pytest.mark.parametrize("layer, bad, needs", [
+    (1, dict(row=9), "control row 9 of 6"),
+    (1, dict(block="tail.3"), "block tail.3"),
+    (1, dict(block="lm_head"), "block lm_head"),
+    (1, dict(pop=3), "skip weight 3"),  # the model has 3
+    (0, dict(pop=0), "skip weight 0"),  # nothing kept yet
+    (4, dict(pop=0), "skip weight 0"),  # layer 3 popped it
+])
+def test_a_plan_the_model_cannot_run_is_refused_naming_the_layer(layer, bad, needs):
+    model = tiny_model(**UNET_STACK)
+    plan = train_gpt.layer_plan(model.args, 4)
+    model.check_plan(4, plan)
+    plan[layer] = plan[layer]._replace(**bad)
+    with pytest.raises(train_gpt.RunError, match=rf"^layer_plan depth:4 .*: layer {layer} needs {needs}"):
+        model.check_plan(4, plan)
+
+
+@pytest.mark.slow
 def test_compile_every_depth_without_recompiles():
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
@@ -115,6 +179,7 @@ def test_qat_noise_is_one_step_of_its_grid(mode, bits, sigmas, compile_layer):
     assert ((ratio - 0.25).abs() < 0.04).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["noise", "grid_noise", "ste"])
 def test_qat_runs_under_compile_and_turns_on_without_recompiling(mode):
     torch._dynamo.reset()
@@ -159,150 +224,3 @@ def test_ste_forward_is_the_exported_model_and_gradients_pass_straight_through()
     ref_loss.backward()
     for (name, p), q in zip(model.named_parameters(), exported.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6), name
-
-
-def test_depth_schedule_lookup():
-    schedule = train_gpt.parse_layer_schedule("0:2,100:4,250:6")
-    assert [train_gpt.depth_at(schedule, s) for s in (0, 99, 100, 249, 250, 10**6)] == [2, 2, 4, 4, 6, 6]
-
-
-@pytest.mark.parametrize("schedule", ["5:2", "0:2,0:4", "0:2,10:4,5:6", "0:0", "0:two", "0:2:3", ""])
-def test_bad_schedules_are_refused(schedule):
-    with pytest.raises(train_gpt.RunError, match="NUM_LAYER_SCHEDULE"):
-        train_gpt.parse_layer_schedule(schedule)
-
-
-def test_muon_orthogonalizes_updates():
-    torch.manual_seed(0)
-    g = torch.randn(64, 32)
-    s = torch.linalg.svdvals(train_gpt.zeropower_via_newtonschulz5(g, steps=5).float())
-    assert s.max() / s.min() < 4 and 0.5 < s.mean() < 1.5
-    assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 4
-
-
-def test_row_adam_is_adam_per_row_and_a_row_without_gradient_keeps_no_state():
-    """RowAdam on one [3, 4] tensor whose rows the plan uses in turn equals torch's Adam on three
-    separate rows, each stepped only while used (PR #1088's per-depth parameters: a parameter
-    without a gradient is skipped). A row first used at step 6 then takes fresh Adam's first step,
-    lr in every coordinate, not the 0.45 lr of a state whose step count ran on."""
-    torch.manual_seed(0)
-    lr, betas, eps = 0.04, (0.9, 0.95), 1e-8
-    p = torch.nn.Parameter(torch.randn(3, 4))
-    opt = train_gpt.RowAdam([p], lr=lr, betas=betas, eps=eps)
-    rows = [torch.nn.Parameter(p[r].detach().clone()) for r in range(3)]
-    seeds = [torch.optim.Adam([q], lr=lr, betas=betas, eps=eps) for q in rows]
-    phases = [[0]] * 5 + [[0, 1, 2]] * 4 + [[2]] * 3  # depth 1, then 3, then the third row alone
-    for step, used in enumerate(phases):
-        mask = torch.zeros(3, dtype=torch.bool)
-        mask[used] = True
-        g = torch.randn(3, 4) * mask[:, None]  # an unused row's gradient is zero, as indexing gives it
-        before = p.detach().clone()
-        p.grad = g
-        opt.set_used({p: mask})
-        opt.step()
-        for r in used:
-            rows[r].grad = g[r].clone()
-            seeds[r].step()
-        for r in range(3):
-            assert torch.allclose(p[r], rows[r], rtol=0, atol=1e-6), (step, r)
-        if step == 5:  # rows 1 and 2 are used for the first time
-            assert torch.allclose((p - before)[1:].abs(), torch.full((2, 4), lr), rtol=1e-4)
-    assert torch.equal(opt.state[p]["row_steps"].flatten(), torch.tensor([9.0, 4.0, 7.0]))
-
-
-def test_unet_skip_is_the_encoder_output_added_in_reverse():
-    model = tiny_model(randomize=True, UNET_SKIPS="1", NUM_LAYER_SCHEDULE="0:4")
-    plain = tiny_model(randomize=True, NUM_LAYER_SCHEDULE="0:4")
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "skip_weights"})
-    x, y = batch(model.args)
-    with torch.no_grad():
-        model.skip_weights.zero_()  # zero skip weights: exactly the plain stack
-        assert torch.equal(model(x, y, 4)[0], plain(x, y, 4)[0])
-        model.skip_weights[0] = 1.0  # only pass 2 (the first decoder pass) adds a skip
-        outputs = []
-        hook = model.block.register_forward_hook(lambda m, a, out: outputs.append(out))
-        model(x, y, 4)[0]
-        hook.remove()
-        # pass 2's input is pass 1's output plus the last stored skip, pass 1's output itself
-        inputs = []
-        hook = model.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
-        model(x, y, 4)[0]
-        hook.remove()
-        assert torch.allclose(inputs[2], 2 * outputs[1])
-        assert torch.allclose(inputs[3], outputs[2])
-
-
-def test_unet_weights_2_needs_two_passes_everywhere():
-    with pytest.raises(train_gpt.RunError, match="UNET_WEIGHTS=2 needs core passes in both halves"):
-        tiny_args(UNET_SKIPS="1", UNET_WEIGHTS="2", NUM_LAYER_SCHEDULE="0:1,4:3")
-    with pytest.raises(train_gpt.RunError, match="UNET_WEIGHTS=2"):
-        tiny_args(UNET_WEIGHTS="2")
-
-
-def test_ngram_buckets_use_only_the_current_document_up_to_each_position():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 500, (3, 40), generator=g)
-    ids[:, 0] = 1
-    ids[0, 17] = 1  # a second document starts at 17 in row 0
-    for n, size in ((2, 97), (3, 61)):
-        buckets = train_gpt.ngram_buckets(ids, n, size)
-        assert buckets.min() >= 0 and buckets.max() <= size - 1
-        for t in range(40):  # changing later tokens never moves the bucket of t
-            changed = ids.clone()
-            changed[:, t + 1:] = torch.randint(2, 500, changed[:, t + 1:].shape, generator=g)
-            assert torch.equal(train_gpt.ngram_buckets(changed, n, size)[:, : t + 1], buckets[:, : t + 1])
-        # nothing crosses the BOS at 17: the first document's tokens do not reach the second's buckets
-        changed = ids.clone()
-        changed[0, 1:17] = torch.randint(2, 500, (16,), generator=g)
-        assert torch.equal(train_gpt.ngram_buckets(changed, n, size)[0, 17:], buckets[0, 17:])
-        # the first n-1 positions of each document have no full context: the reserved last bucket
-        for start in (0, 17):
-            assert (buckets[0, start:start + n - 1] == size - 1).all()
-        assert (buckets[0, 19:] < size - 1).all() and len(set(buckets[0, 19:].tolist())) > 5
-
-
-def test_hash_embeddings_are_causal_and_start_neutral():
-    model = tiny_model(randomize=True, BIGRAM_TABLE_SIZE="256", TRIGRAM_TABLE_SIZE="128", HASH_EMBED_DIM="16")
-    fresh = tiny_model(BIGRAM_TABLE_SIZE="256", TRIGRAM_TABLE_SIZE="128", HASH_EMBED_DIM="16")
-    x, y = batch(model.args)
-    assert torch.equal(fresh.hash_emb(x), torch.zeros(*x.shape, 32))  # zero-initialized projection
-    with torch.no_grad():
-        base = model(x, y, 3)[0]
-        for t in (5, 20):
-            x2, y2 = x.clone(), y.clone()
-            x2[:, t + 1:] = (x2[:, t + 1:] + 7) % 500 + 2  # inputs after t
-            y2[:, t:] = (y2[:, t:] + 7) % 500 + 2
-            # losses at positions < t use inputs and targets up to t only
-            assert torch.equal(model(x2, y2, 3)[0][:, :t], base[:, :t])
-
-
-ROLE_CONFIGS = [{}, {"MOD_CAPACITY": "0.5"}, {"DEQ": "1"}, {"SEED_LORA_RANK": "4", "SEED_LORA_TARGETS": "all"},
-                {"UNET_SKIPS": "1", "UNET_WEIGHTS": "2", "NUM_LAYER_SCHEDULE": "0:4"},
-                {"BIGRAM_TABLE_SIZE": "64", "TRIGRAM_TABLE_SIZE": "64"},
-                {"NUM_STEM_BLOCKS": "1", "NUM_TAIL_BLOCKS": "1", "UNET_SKIPS": "1", "TIE_EMBEDDINGS": "1"}]
-
-
-@pytest.mark.parametrize("config", ROLE_CONFIGS, ids=lambda c: ",".join(c) or "default")
-def test_every_parameter_has_exactly_one_role_and_the_optimizers_follow_it(config):
-    model = tiny_model(**config)
-    roles = {name: train_gpt.param_role(name) for name, _ in model.named_parameters()}
-    assert None not in roles.values()
-    optimizers = train_gpt.build_optimizers(model, model.args)
-    in_muon = {id(p) for p in optimizers[0].param_groups[0]["params"]}
-    in_adam = [id(p) for opt in optimizers[1:] for group in opt.param_groups for p in group["params"]]
-    assert len(in_adam) == len(set(in_adam)) and not in_muon & set(in_adam)
-    for name, p in model.named_parameters():  # each parameter in exactly one optimizer, the one its role names
-        assert (id(p) in in_muon) == (roles[name] == "matrix") and (id(p) in in_muon) != (id(p) in in_adam), name
-        if roles[name] in ("control", "norm_bias"):  # controls stay float in the artifact, whatever their size
-            assert train_gpt.export_spec(name, torch.zeros(100_000), model.args) is None
-            assert train_gpt.passthrough_dtype(name, p) == (torch.float32 if roles[name] == "control" else torch.float16)
-
-
-def test_a_parameter_outside_the_role_table_or_in_two_roles_is_refused(monkeypatch):
-    model = tiny_model()
-    model.register_parameter("atn_scale", torch.nn.Parameter(torch.ones(3)))  # a typo of a control name
-    with pytest.raises(train_gpt.RunError, match="parameter atn_scale has no role"):
-        train_gpt.build_optimizers(model, model.args)
-    monkeypatch.setitem(train_gpt.PARAM_ROLES, "head", r"lm_head\.weight|tok_emb\.weight")
-    with pytest.raises(train_gpt.RunError, match="parameter tok_emb.weight has two roles"):
-        train_gpt.param_roles(tiny_model())

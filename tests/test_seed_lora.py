@@ -1,4 +1,4 @@
-"""Seed-LoRA: random maps regenerated from seeds, stored as adapters + seeds + checksums."""
+"""seed_lora: random maps regenerated from seeds, stored as adapters + seeds + checksums."""
 from __future__ import annotations
 
 import hashlib
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, tiny_args, tiny_model
-from test_model import batch
+from conftest import REPO, batch, tiny_args, tiny_model
 
 WIDE = dict(MODEL_DIM="128", MLP_MULT="5", NUM_LAYER_SCHEDULE="0:2")
 
@@ -59,6 +58,14 @@ def test_tampered_checksum_is_refused():
     state["block.mlp.fc.checksum"] = state["block.mlp.fc.checksum"] + 1
     with pytest.raises(train_gpt.RunError, match="block.mlp.fc.random_map: regenerating seed"):
         tiny_model(SEED_LORA_RANK="4", **WIDE).load_state_dict(state)
+
+
+def test_seed_lora_of_another_width_is_a_shape_error_not_a_checksum_error():
+    lora = dict(SEED_LORA_RANK="4", SEED_LORA_TARGETS="all")
+    state = tiny_model(MODEL_DIM="64", **lora).state_dict()
+    with pytest.raises(train_gpt.RunError) as error:
+        train_gpt.load_weights(tiny_model(**lora), state, "a.ptz")
+    assert "size mismatch" in str(error.value) and "checksum" not in str(error.value)
 
 
 def test_seed_lora_artifact_is_smaller_than_the_dense_model():

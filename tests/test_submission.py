@@ -1,9 +1,9 @@
-"""records/submission.py: real run logs in, a submission folder out; refusals; the t-test."""
+"""records/submission.py: strip and pack (marked blocks of optional systems removed or kept), and
+make/stats: real run logs in, a submission folder out; refusals; the t-test."""
 from __future__ import annotations
 
 import argparse
 import base64
-import importlib.util
 import json
 import lzma
 import math
@@ -12,17 +12,232 @@ import re
 import shlex
 import stat
 import statistics
+import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, TINY, run_script
+from conftest import REPO, TINY, run_script, submission
 
-spec = importlib.util.spec_from_file_location("submission", REPO / "records" / "submission.py")
-submission = importlib.util.module_from_spec(spec)
-sys.modules["submission"] = submission  # dataclasses look their module up by name
-spec.loader.exec_module(submission)
+# ---- strip and pack, on a small marked script ------------------------------------------------
+
+SCRIPT = """\
+import sys
+
+
+def f(x):
+    y = x
+    # >>> ttt: score-first test-time training
+    y = y + 1
+    # <<< ttt
+
+        # >>> deq
+    y = y * 2
+    # <<< deq
+    return y
+
+
+# >>> deq
+DEQ = True
+# <<< deq
+
+
+if __name__ == "__main__":
+    print(f(int(sys.argv[1])))
+"""
+
+
+MAIN = """
+
+if __name__ == "__main__":
+    print(f(int(sys.argv[1])))
+"""
+
+
+CORE = """\
+import sys
+
+
+def f(x):
+    y = x
+
+    return y
+""" + MAIN
+
+
+WITH_TTT = """\
+import sys
+
+
+def f(x):
+    y = x
+    y = y + 1
+
+    return y
+""" + MAIN
+
+
+WITH_ALL = """\
+import sys
+
+
+def f(x):
+    y = x
+    y = y + 1
+
+    y = y * 2
+    return y
+
+
+DEQ = True
+""" + MAIN
+
+
+def refusal(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        submission.main(argv)
+    assert "\n" not in str(exit_info.value)
+    return str(exit_info.value)
+
+
+def run(script, arg: str = "3") -> str:
+    result = subprocess.run([sys.executable, str(script), arg], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "train_gpt.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+@pytest.mark.parametrize("keep, expected, result, summary", [
+    ([], CORE, "3", "kept: core only; removed: deq, ttt"),
+    (["ttt"], WITH_TTT, "4", "kept: ttt; removed: deq"),
+    (["deq", "ttt", "deq"], WITH_ALL, "8", "kept: deq, ttt; removed: nothing"),
+])
+def test_strip_removes_the_blocks_not_kept_and_only_the_markers_of_kept_ones(tmp_path, script, capsys,
+                                                                          keep, expected, result, summary):
+    out = tmp_path / "out" / "stripped.py"
+    submission.main(["strip", str(script), "-o", str(out), *(["--keep", *keep] if keep else [])])
+    assert out.read_text() == expected
+    assert capsys.readouterr().out == \
+        f"wrote {out}: {len(expected.splitlines())} lines, {len(expected.encode())} bytes ({summary})\n"
+    assert run(out) == result and run(script) == "8"
+    assert submission.strip(SCRIPT, keep, script) == expected
+    assert [f.name for f in out.parent.iterdir()] == ["stripped.py"]
+
+
+def test_blank_lines_left_by_a_deletion_are_cut_to_two_and_to_none_at_the_end():
+    text = "a = 1\n\n\n\nb = 2\n# >>> x\nc = 3\n# <<< x\n\n\n\nd = 4\n\n# >>> x\ne = 5\n# <<< x\n\n\n"
+    # the core's own run of three blank lines stays; the run the deletion leaves goes to two
+    assert submission.strip(text, [], "t.py") == "a = 1\n\n\n\nb = 2\n\n\nd = 4\n"
+    assert submission.strip(text, ["x"], "t.py") == "a = 1\n\n\n\nb = 2\nc = 3\n\n\nd = 4\n\ne = 5\n"
+    unmarked = "a = 1\n\n\n\nb = 2\n\n\n"
+    assert submission.strip(unmarked, [], "t.py") == unmarked  # nothing deleted, nothing rewritten
+    assert submission.strip("a = 1\n# >>> x\nb = 2\n# <<< x", [], "t.py") == "a = 1\n"
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("x = 1\n# >>> Deq\ny = 2\n# <<< Deq\n", 2, "'# >>> Deq' is not a block marker"),
+    ("x = 1\n# >>>deq\ny = 2\n# <<< deq\n", 2, "'# >>>deq' is not a block marker"),
+    ("x = 1  # >>> deq\ny = 2\n", 1, "'x = 1  # >>> deq' is not a block marker"),
+    ("# >>> deq:\ny = 2\n# <<< deq\n", 1, "'# >>> deq:' is not a block marker"),
+    ("# >>> deq\ny = 2\n# <<< deq: end\n", 3, "'# <<< deq: end' is not a block marker"),
+    ("x = 1\n\n# >>> deq\ny = 2\n", 3, "block 'deq' is never closed"),
+    ("x = 1\n    # <<< deq\n", 2, "'# <<< deq' closes no open block"),
+    ("# >>> deq\n# >>> ttt\nx = 1\n# <<< ttt\n# <<< deq\n", 2,
+     "block 'ttt' opens inside block 'deq' (opened on line 1); blocks do not nest"),
+    ("# >>> deq\nx = 1\n# >>> deq\n# <<< deq\n", 3, "block 'deq' opens inside block 'deq'"),
+    ("x = 1\n# >>> deq\nx = 2\n# <<< ttt\n", 4, "'# <<< ttt' closes block 'deq' (opened on line 2)"),
+])
+def test_malformed_markers_are_refused_with_the_line(tmp_path, text, line, message):
+    bad, out = tmp_path / "bad.py", tmp_path / "out.py"
+    bad.write_text(text)
+    for argv in (["strip", str(bad), "-o", str(out)], ["strip", str(bad), "--list"],
+                 ["pack", str(bad), "-o", str(out), "--keep"]):
+        assert refusal(argv).startswith(f"error: {bad}:{line}: {message}")
+    assert not out.exists()
+    with pytest.raises(submission.SubmissionError, match=f"^{bad}:{line}: "):
+        submission.marked_blocks(text, bad)
+
+
+def test_an_unknown_system_is_refused_before_anything_is_written(tmp_path, script):
+    out = tmp_path / "out.py"
+    for command in ("strip", "pack"):
+        assert refusal([command, str(script), "-o", str(out), "--keep", "ttt", "mod", "ema"]) == \
+            f"error: {script}: no system named mod, ema; its systems are: deq, ttt"
+    assert refusal(["strip", str(out.with_name("plain.py")), "-o", str(out), "--keep", "ttt"]).startswith("error: [Errno 2]")
+    (tmp_path / "plain.py").write_text("x = 1\n")
+    assert refusal(["strip", str(tmp_path / "plain.py"), "-o", str(out), "--keep", "ttt"]) == \
+        f"error: {tmp_path / 'plain.py'}: no system named ttt; its systems are: none"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["plain.py", "train_gpt.py"]
+
+
+def test_a_strip_that_breaks_the_syntax_is_refused_and_writes_nothing(tmp_path):
+    source, out = tmp_path / "s.py", tmp_path / "out.py"
+    source.write_text("import os\n\n\ndef f():\n    # >>> deq\n    return 1\n    # <<< deq\n\n\n# >>> ttt\nX = 1\n# <<< ttt\n")
+    message = (f"error: {source}: stripped (kept: ttt; removed: deq) it does not parse: "
+               "line 7 of the stripped text: expected an indented block after function definition on line 4")
+    assert refusal(["strip", str(source), "-o", str(out), "--keep", "ttt"]) == message
+    assert refusal(["pack", str(source), "-o", str(out), "--keep", "ttt"]) == message
+    assert not out.exists() and sorted(f.name for f in tmp_path.iterdir()) == ["s.py"]
+    submission.main(["strip", str(source), "-o", str(out), "--keep", "deq"])
+    assert out.read_text() == "import os\n\n\ndef f():\n    return 1\n"
+
+
+def test_list_counts_each_system_and_the_core_and_writes_nothing(tmp_path, script, capsys):
+    submission.main(["strip", str(script), "--list"])
+    assert capsys.readouterr().out == "deq: 2 blocks, 2 lines\nttt: 1 block, 1 line\ncore: 13 lines\n"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["train_gpt.py"]
+    assert submission.systems("x = 1\n", "t.py") == "core: 1 line"
+    assert refusal(["strip", str(script)]) == "2"  # argparse: -o or --list is required
+
+
+def test_out_is_never_the_source_and_never_half_written(tmp_path, script, monkeypatch):
+    assert refusal(["strip", str(script), "-o", str(script)]).startswith("error: --out")
+    (tmp_path / "link.py").symlink_to(script)
+    assert refusal(["pack", str(script), "-o", str(tmp_path / "link.py"), "--keep"]).startswith("error: --out")
+    assert script.read_text() == SCRIPT
+    out = tmp_path / "out.py"
+    out.write_text("old\n")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(submission.os, "replace", fail)
+    assert refusal(["strip", str(script), "-o", str(out)]) == "error: disk full"
+    assert out.read_text() == "old\n" and sorted(f.name for f in tmp_path.iterdir()) == \
+        ["link.py", "out.py", "train_gpt.py"]
+
+
+def test_pack_with_keep_packs_the_stripped_source(tmp_path, script, capsys):
+    for keep, expected in (([], CORE), (["ttt"], WITH_TTT)):
+        stripped, packed = tmp_path / "stripped.py", tmp_path / "packed.py"
+        submission.main(["strip", str(script), "-o", str(stripped), "--keep", *keep])
+        submission.main(["pack", str(script), "-o", str(packed), "--keep", *keep])
+        assert submission.unpack(packed.read_text()) == stripped.read_text() == expected
+        assert run(packed) == run(stripped)
+        assert capsys.readouterr().out.splitlines()[-1] == \
+            f"{packed}: {packed.stat().st_size} bytes (readable source: {len(expected)} bytes; " \
+            f"kept: {', '.join(keep) or 'core only'}; removed: {'deq, ttt' if not keep else 'deq'})"
+
+
+def test_pack_without_keep_packs_the_whole_source_as_before(tmp_path, script, capsys):
+    packed = tmp_path / "packed.py"
+    submission.main(["pack", str(script), "-o", str(packed)])
+    assert packed.read_text() == submission.pack(SCRIPT)
+    assert submission.unpack(packed.read_text()) == SCRIPT and run(packed) == "8"
+    assert capsys.readouterr().out == f"{packed}: {packed.stat().st_size} bytes (readable source: {len(SCRIPT)} bytes)\n"
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1  # >>> not a marker\n")  # without --keep the markers are not read
+    submission.main(["pack", str(bad), "-o", str(packed)])
+    assert submission.unpack(packed.read_text()) == bad.read_text()
+
+
+# ---- make and stats, on real run logs --------------------------------------------------------
 
 RUN = {**TINY, "ITERATIONS": "6", "NUM_LAYER_SCHEDULE": "0:1,3:2", "VAL_LOSS_EVERY": "3", "TRAIN_LOG_EVERY": "1",
        "MAX_WALLCLOCK_SECONDS": "0", "WARMDOWN_ITERS": "2", "QUANT_BITS": "6", "COMPRESSOR": "zstd", "EVAL_STRIDE": "16"}
@@ -44,6 +259,7 @@ def last(pattern: str, text: str) -> re.Match:
     return list(re.finditer(pattern, text, re.M))[-1]
 
 
+@pytest.mark.slow
 def test_make_writes_a_folder_that_matches_the_logs(tmp_path, logs):
     folder = submission.make(argparse.Namespace(
         logs=[str(p) for p in logs[::-1]], name="Tiny Shared Block: int6", author="A. Person", github_id="aperson",
@@ -84,12 +300,6 @@ def test_make_writes_a_folder_that_matches_the_logs(tmp_path, logs):
             track="track_10min_16mb", date="2026-11-25", root=str(tmp_path), beat=None))
 
 
-def test_every_setting_is_named_after_its_environment_variable():
-    # The launch command maps a logged setting `name` back to the variable NAME.
-    pairs = re.findall(r"self\.(\w+) = self\._get\(\"(\w+)\"", (REPO / "train_gpt.py").read_text())
-    assert len(pairs) > 50 and all(attr.upper() == env for attr, env in pairs)
-
-
 def edited(tmp_path, path, old: str, new: str, name: str):
     text = path.read_text()
     assert old in text
@@ -98,6 +308,7 @@ def edited(tmp_path, path, old: str, new: str, name: str):
     return out
 
 
+@pytest.mark.slow
 def test_logs_that_disagree_are_refused(tmp_path, logs):
     a, b = logs
     same_length_edit = edited(tmp_path, b, "Shared-weight recurrent", "Shared-weight Recurrent", "code.txt")
@@ -122,6 +333,7 @@ def test_logs_that_disagree_are_refused(tmp_path, logs):
     submission.check_compliance(submission.load_runs([str(slow)]), "track_non_record_16mb")
 
 
+@pytest.mark.slow
 def test_cli_refusals_are_one_line(tmp_path, logs, capsys):
     with pytest.raises(SystemExit) as exit_info:
         submission.main(["make", str(logs[0]), "--name", "x", "--author", "a", "--github-id", "a",
@@ -168,6 +380,7 @@ def test_significance_is_the_one_sided_test_against_previous_minus_margin():
     assert submission.significance(losses, previous=1.912)["p"] > 0.5  # within the margin: no evidence
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png_or_says_how_to_get_matplotlib(tmp_path, logs, monkeypatch):
     runs = submission.load_runs([str(p) for p in logs])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
@@ -180,6 +393,7 @@ def test_plot_writes_a_png_or_says_how_to_get_matplotlib(tmp_path, logs, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
 
 
+@pytest.mark.slow
 def test_packed_script_runs_identically_and_counts_its_own_bytes(tmp_path, dataset):
     import os
     import subprocess
@@ -209,32 +423,6 @@ def test_packed_script_runs_identically_and_counts_its_own_bytes(tmp_path, datas
     assert (folder / "train_gpt_readable.py").read_text() == readable
 
 
-def test_the_record_config_fits_packed_and_not_readable():
-    # The README's record command runs the packed script. At the default (PR #1088) configuration
-    # the estimate, calibrated on PR #1088's own artifact, leaves room for the packed code only.
-    import train_gpt
-    args = train_gpt.Hyperparameters({})
-    args.validate(8)
-    weights = train_gpt.estimate_artifact_bytes(train_gpt.GPT(args).state_dict(), args)
-    assert abs(weights - 15_928_510) < 0.002 * 15_928_510  # PR #1088's int8+zlib artifact
-    readable = (REPO / "train_gpt.py").read_text()
-    packed, source = len(submission.pack(readable).encode()), len(readable.encode())
-    assert weights + packed < train_gpt.SIZE_CAP_BYTES < weights + source
-    assert train_gpt.size_verdict(weights + packed, args).startswith("WARNING: within the estimate's 6% error")
-    assert train_gpt.size_verdict(weights + source, args).startswith("WARNING: likely over the cap: run a packed script")
-
-
-def test_the_estimate_is_within_its_error_of_the_published_artifacts():
-    # Out of sample: every published int8+zlib artifact of a model this script expresses (twelve
-    # runs of the challenge's naive baseline, the FP16Embed_WD3600 record); in sample, PR #1088.
-    import train_gpt
-    sys.path.insert(0, str(REPO / "bench"))
-    from size_estimate import PUBLISHED, estimate
-    errors = {name: estimate(env) / published - 1 for name, env, published in PUBLISHED}
-    assert len(errors) == 14 and abs(errors["PR #1088 UT_DoubleAttn_3L-MLP (the calibration)"]) < 0.002
-    assert all(-train_gpt.SIZE_ESTIMATE_ERROR < e < 0.0 for e in errors.values()), errors
-
-
 def with_code(tmp_path, log, code: str, name: str):
     """`log` with `code` as its embedded code, and the code-byte count to match."""
     text = log.read_text()
@@ -249,17 +437,11 @@ def make_cli(log, root, name="X") -> list[str]:
             "--root", str(root)]
 
 
-def refusal(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        submission.main(argv)
-    assert "\n" not in str(exit_info.value)
-    return str(exit_info.value)
-
-
 def reproduce_command(folder) -> str:
     return re.search(r"^SEED=<seed> .*$", (folder / "README.md").read_text(), re.M).group(0)
 
 
+@pytest.mark.slow
 def test_make_runs_nothing_from_the_logs(tmp_path, logs):
     # The launch command's defaults are read from the embedded source as text; running it would run
     # whatever a crafted log carries, here a line that leaves a file behind when imported.
@@ -297,6 +479,7 @@ def test_defaults_are_read_from_the_source_as_written():
         submission.script_defaults("def (:\n", REPO)
 
 
+@pytest.mark.slow
 def test_packed_code_that_unpacks_too_far_or_not_at_all_is_refused(tmp_path, logs):
     compressor = lzma.LZMACompressor(preset=0)
     chunk = bytes(1 << 20)
@@ -316,6 +499,7 @@ def test_packed_code_that_unpacks_too_far_or_not_at_all_is_refused(tmp_path, log
             submission.unpack(code)
 
 
+@pytest.mark.slow
 def test_a_log_that_holds_two_runs_is_refused(tmp_path, logs):
     # Older train_gpt.py versions appended a rerun under the same RUN_ID to the same log.
     first, second = logs[0].read_text(), logs[1].read_text()
@@ -328,6 +512,7 @@ def test_a_log_that_holds_two_runs_is_refused(tmp_path, logs):
     assert not (tmp_path / "records").exists()
 
 
+@pytest.mark.slow
 def test_log_content_that_would_crash_or_misdirect_is_refused_in_one_line(tmp_path, logs):
     a = logs[0]
     text = a.read_text()
@@ -355,6 +540,7 @@ def test_log_content_that_would_crash_or_misdirect_is_refused_in_one_line(tmp_pa
     assert missing.startswith("error: [Errno 2]")
 
 
+@pytest.mark.slow
 def test_lines_after_the_settings_are_not_settings(tmp_path, logs):
     warning = "WARNING: TTT_EPOCHS is not a setting of this script and is ignored (closest: TTT_STEPS)"
     log = tmp_path / "seed7.txt"
@@ -363,6 +549,7 @@ def test_lines_after_the_settings_are_not_settings(tmp_path, logs):
     assert config == submission.load_runs([str(logs[0])])[0].config and "seed" in config and "WARNING" not in config
 
 
+@pytest.mark.slow
 def test_the_launch_command_quotes_logged_values_for_a_shell(tmp_path, logs):
     value = "/data/sp $(touch pwned); echo 'x'"
     log = tmp_path / "seed7.txt"
@@ -376,6 +563,7 @@ def test_the_launch_command_quotes_logged_values_for_a_shell(tmp_path, logs):
     assert "DATA_PATH=./data/datasets/sp $(touch pwned); echo 'x'" in words and "MODEL_DIM=32" in words
 
 
+@pytest.mark.slow
 def test_the_folder_and_its_files_have_the_modes_of_a_plain_mkdir_and_open(tmp_path, logs):
     # mkdtemp makes its folder 0700; a submission folder should read like the challenge's records.
     for mask in (0o022, 0o027):
@@ -392,6 +580,7 @@ def test_the_folder_and_its_files_have_the_modes_of_a_plain_mkdir_and_open(tmp_p
         assert len(files) >= 5 and all(p.is_file() and stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in files)
 
 
+@pytest.mark.slow
 def test_the_launch_command_names_the_challenges_data_paths_not_this_machines(logs):
     # The logs hold this machine's absolute paths (tmp_path's local_sp512 and local_512_bpe.model).
     runs = submission.load_runs([str(p) for p in logs])
@@ -419,6 +608,7 @@ def test_data_paths_at_the_scripts_defaults_are_left_out():
                                                          "torchrun --standalone --nproc_per_node=8 train_gpt.py")
 
 
+@pytest.mark.slow
 def test_plot_skips_loss_values_that_are_not_numbers(tmp_path, logs):
     pytest.importorskip("matplotlib")
     log = tmp_path / "seed7.txt"

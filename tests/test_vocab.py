@@ -116,6 +116,7 @@ def test_byte_tables_count_the_bytes_the_tokenizer_decodes(datasets, vocab):
     assert int(luts.token_bytes(t[:-1], t[1:]).sum()) == decoded_bytes(sp, tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vocab", VOCABS)
 def test_training_exports_and_scores_at_the_vocabulary(runs, datasets, vocab):
     out, cwd = runs[vocab]
@@ -141,6 +142,7 @@ def test_training_exports_and_scores_at_the_vocabulary(runs, datasets, vocab):
     assert shapes == ["lm_head.weight", "tok_emb.weight"]
 
 
+@pytest.mark.slow
 def test_size_estimate_grows_by_the_embedding_and_head(runs):
     def numbers(vocab: int) -> tuple[int, int, int]:
         out = runs[vocab][0]

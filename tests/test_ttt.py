@@ -1,52 +1,20 @@
-"""Score-first evaluation: sliding windows and test-time training are causal, score every position
-once, reduce to the plain evaluation where they should, and split across ranks exactly."""
+"""ttt: score-first test-time training is causal, scores every position once, learns only from
+chunks already scored, adapts documents independently, splits across ranks exactly, and
+compiles before the clock."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
+import torch._dynamo
 
 import train_gpt
-from conftest import REPO, TINY, run_script, tiny_args, tiny_model
-
-SEQ = 32  # TINY's TRAIN_SEQ_LEN
-
-
-@pytest.fixture(scope="module")
-def luts(tmp_path_factory) -> train_gpt.ByteLUTs:
-    prefix = tmp_path_factory.mktemp("tok") / "t"
-    text = ["a quick brown fox jumps over the lazy dog number %d" % i for i in range(300)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(prefix), vocab_size=512,
-                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=3, pad_id=0,
-                                   minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(prefix.with_suffix(".model")))
-    return train_gpt.build_byte_luts(sp, 512, torch.device("cpu"))
-
-
-def stream(n: int, seed: int = 0, doc_every: int = 0) -> torch.Tensor:
-    """n + 1 random non-BOS tokens; with doc_every, documents of varying length starting with BOS."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(4, 512, (n + 1,), generator=g)
-    if doc_every:
-        pos = 0
-        while pos <= n:
-            tokens[pos] = train_gpt.BOS_ID
-            pos += doc_every + int(torch.randint(0, doc_every, (1,), generator=g))
-    return tokens
-
-
-def sliding(model, tokens, luts, stride: int, seq_len: int = SEQ, batch: int = 8):
-    per_position = torch.full((tokens.numel() - 1,), float("nan"), dtype=torch.float64)
-    loss, bpb = train_gpt.evaluate(model, tokens, luts, 3, seq_len, stride, batch, per_position=per_position)
-    return loss, bpb, per_position
+from conftest import REPO, SEQ, TINY, UNET_STACK, run_script, sliding, stream, tiny_args, tiny_model
 
 
 def ttt(model, tokens, luts, **env):
@@ -60,71 +28,37 @@ TTT_MODES = {"lora-doc": {}, "lora-stream": {"TTT_RESET": "none"},
              "full-stream": {"TTT_MODE": "full", "TTT_RESET": "none", "TTT_LR": "0.01"}}
 
 
-@pytest.mark.parametrize("n,seq_len,stride", [(1000, 32, 8), (1024, 32, 32), (33, 32, 5), (10, 32, 4), (999, 64, 64)])
-def test_windows_score_every_position_once(n, seq_len, stride):
-    for floor in (0, 3):
-        w = train_gpt.window_blocks(floor, floor, n, seq_len, stride, seq_len, lane=5)
-        start, lo, hi, lane = w.T
-        assert (lane == 5).all()
-        assert lo[0] == floor and hi[-1] == n and np.array_equal(lo[1:], hi[:-1]) and (lo < hi).all()
-        assert (start >= floor).all() and (start <= lo).all() and (hi - start <= seq_len).all()
-        # Every block after the first has the full context the window can give it.
-        assert (lo[1:] - start[1:] >= np.minimum(seq_len - stride, lo[1:] - floor)).all()
+def test_one_stream_of_ttt_takes_record_chunks_by_default_and_refuses_a_chunk_under_a_window():
+    # One set of weights adapting over the stream (TTT_RESET=none, TTT_MODE=full's default) steps
+    # after each chunk, with an all-reduce: PR #549's 32,768-token chunks by default; 256 tokens (the
+    # per-document default) would mean ~242K steps on FineWeb.
+    for overrides in ({"TTT_MODE": "full"}, {"TTT_RESET": "none"}):
+        args = tiny_args(**overrides)
+        assert (args.ttt_chunk_tokens, args.ttt_reset) == (32_768, "none")
+        with pytest.raises(train_gpt.RunError) as error:
+            tiny_args(**overrides, TTT_CHUNK_TOKENS="256", EVAL_SEQ_LEN="1024")
+        message = str(error.value)
+        assert message.startswith("TTT_CHUNK_TOKENS=256 is under EVAL_SEQ_LEN=1024") and "~242,272 on FineWeb" in message
+        assert "\n" not in message
+    assert (tiny_args().ttt_chunk_tokens, tiny_args().ttt_reset) == (256, "doc")
 
 
-def test_window_tables_are_uploaded_once_per_evaluation_not_per_batch(luts, monkeypatch):
-    # On CUDA each upload from pageable host memory synchronizes the stream; evaluation's loop
-    # should queue its batches without one.
-    model = tiny_model(randomize=True)
-    tokens = stream(1000)
-    uploads = []
-    from_numpy = torch.from_numpy
-    monkeypatch.setattr(train_gpt.torch, "from_numpy", lambda a: uploads.append(len(a)) or from_numpy(a))
-    train_gpt.evaluate(model, tokens, luts, 1, SEQ, 8, 8)  # 122 windows: 16 batches of 8
-    assert uploads == [122]
-
-
-def test_sliding_is_causal_and_covers_the_stream(luts):
-    model = tiny_model(randomize=True)
-    tokens = stream(1000)
-    loss, bpb, before = sliding(model, tokens, luts, stride=8)
-    assert not before.isnan().any()
-    assert loss == pytest.approx(before.mean().item(), rel=1e-12)  # each position counted once
-    for t in (0, 37, 500, 990):
-        changed = tokens.clone()
-        changed[t + 1:] = stream(1000, seed=t + 1)[t + 1:]
-        after = sliding(model, changed, luts, stride=8)[2]
-        assert torch.equal(before[:t], after[:t])  # targets up to token t keep their scores bitwise
-        assert not torch.equal(before[t:], after[t:])
-
-
-def test_stride_equal_to_seq_len_is_the_plain_evaluation(luts):
-    model = tiny_model(randomize=True)
-    tokens = stream(20 * SEQ)
-    x, y = train_gpt.inputs_and_targets(tokens, SEQ)
-    model.eval()
+def test_ttt_adapts_every_block_of_the_plan_with_its_own_adapters():
+    model = tiny_model(randomize=True, **UNET_STACK)
+    lora = train_gpt.LoRA(model, 4, lanes=2, rank=2, seed=0)
+    lanes = torch.tensor([0, 1])
+    adapters = lora.select(lanes)
+    assert list(adapters) == ["head", "stem.0", "block", "decoder_block", "tail.0"]
+    assert set(adapters["decoder_block"]) == {"q0", "v0", "q1", "v1"}
+    x = torch.randint(0, 512, (2, 32))
     with torch.no_grad():
-        direct = model(x, y, 3)[0].double().flatten()
-    loss, _, per_position = sliding(model, tokens, luts, stride=SEQ)
-    assert torch.equal(per_position, direct) and loss == pytest.approx(direct.mean().item(), rel=1e-12)
-
-
-def test_smaller_stride_scores_better_on_a_trained_model(luts):
-    model = tiny_model(MODEL_DIM="64", NOISY_QAT="0")
-    g = torch.Generator().manual_seed(0)
-    # A period-45 sequence over 6 symbols: the next token depends on several earlier ones, so
-    # positions with little context (early in a window) are hard to predict.
-    data = torch.randint(4, 10, (45,), generator=g).repeat(60)
-    x, y = train_gpt.inputs_and_targets(data[: 64 * SEQ + 1], SEQ)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)  # 1e-2 spikes late on some torch versions
-    for _ in range(150):
-        opt.zero_grad()
-        model(x, y, 3)[0].mean().backward()
-        opt.step()
-    val = data[7 : 7 + 20 * SEQ + 1]
-    plain, s16, s4 = (sliding(model, val, luts, stride=s)[0] for s in (SEQ, 16, 4))
-    assert plain < 0.2 * math.log(6)  # it learned the sequence ...
-    assert max(s16, s4) < 0.5 * plain  # ... and scores far better when every position has context
+        base = model(x, x, 4)[0]
+        assert torch.equal(model(x, x, 4, train_gpt.Mode(adapters=adapters))[0], base)  # B = 0: the artifact's model
+        for name in adapters:  # each block's adapter acts on that block (and the head's on the head) alone
+            for key, (block, proj) in lora.keys.items():
+                lora.b[key].fill_(0.1 if block == name else 0.0)
+            moved = model(x, x, 4, train_gpt.Mode(adapters=lora.select(lanes)))[0]
+            assert not torch.allclose(moved, base), name
 
 
 @pytest.mark.parametrize("mode", list(TTT_MODES))
@@ -207,8 +141,7 @@ WORKER = """
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 import train_gpt
-from conftest import tiny_args, tiny_model
-from test_eval_legal import stream
+from conftest import stream, tiny_args, tiny_model
 distributed = "RANK" in __import__("os").environ
 if distributed:
     dist.init_process_group("gloo")
@@ -228,6 +161,7 @@ if distributed:
 """
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_give_the_same_totals(tmp_path):
     # Per-document TTT gives each rank whole groups of documents (two groups of three here); one
     # stream splits every chunk's windows over the ranks.
@@ -247,6 +181,7 @@ def test_two_gloo_ranks_give_the_same_totals(tmp_path):
     assert a["lora-doc"][0] != a["sliding"][0]  # TTT changed the scores
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora-doc", "full-stream"])
 def test_sliding_and_ttt_capture_in_one_graph_each(luts, mode):
     """The compiled evaluation paths (CUDA's) capture without graph breaks and give the eager scores."""
@@ -260,6 +195,7 @@ def test_sliding_and_ttt_capture_in_one_graph_each(luts, mode):
         assert run(compiled) == pytest.approx(run(model), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_ttt_compiles_before_the_clock_and_its_evaluation_never_recompiles(tmp_path, dataset):
     """With Inductor (C++ code generation on the CPU), TTT's scoring and adapting graphs are
     compiled during the warmup, on synthetic tokens, at TTT's one batch shape: compile_stats,

@@ -1,18 +1,23 @@
-"""The real script end to end, through its log lines: one process, two gloo ranks, bad input."""
+"""The real script end to end, through its log lines: one process and two gloo ranks, systems
+together, bad input refused in one line; and the script stripped: each system alone builds its
+model, and the core alone computes what the full script computes."""
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import REPO, TINY, run_patched, run_script
+import train_gpt
+from conftest import OVER_CAP, REPO, RUN, TINY, child_env, run_script
 
-RUN = {**TINY, "ITERATIONS": "12", "NUM_LAYER_SCHEDULE": "0:1,6:2", "VAL_LOSS_EVERY": "6",
-       "TRAIN_LOG_EVERY": "1", "WARMUP_STEPS": "2", "MAX_WALLCLOCK_SECONDS": "0", "RUN_ID": "t",
-       "WARMDOWN_ITERS": "4", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "64", "TTT_SLIDING_SCORE": "1"}
+pytestmark = pytest.mark.slow
 
 
 def values(log: str, key: str) -> list[float]:
@@ -85,126 +90,6 @@ def test_int6_zstd_run_with_late_ste_qat_and_ema(tmp_path, dataset):
     assert total == artifact.stat().st_size + len((REPO / "train_gpt.py").read_bytes())
     assert (tmp_path / "artifacts" / "t" / "final_model.pt").exists()
     assert re.search(r"^compliance .* score:final_int6_zstd_roundtrip_exact val_bpb:", out, re.M)
-
-
-# A 4352-wide hidden layer of untrained weights, SDClip-quantized at 4 std: ~16 MB of codes,
-# estimated (as trained rows) at ~20 MB, 25% over the cap.
-OVER_CAP = {"MODEL_DIM": "256", "MLP_MULT": "17", "NUM_LAYER_SCHEDULE": "0:1", "MATRIX_CLIP_SIGMAS": "4"}
-
-
-def test_over_cap_artifact_is_written_then_fails(tmp_path, dataset):
-    # SIZE_CHECK=warn trains it anyway; a short validation split keeps its evaluation cheap.
-    data = tmp_path / "data"
-    data.mkdir()
-    for shard in Path(dataset["DATA_PATH"]).glob("fineweb_train_*.bin"):
-        shutil.copy(shard, data / shard.name)
-    val = next(Path(dataset["DATA_PATH"]).glob("fineweb_val_*.bin")).read_bytes()
-    header = np.frombuffer(val[:1024], dtype="<i4").copy()
-    header[2] = 1025
-    (data / "fineweb_val_000000.bin").write_bytes(header.tobytes() + val[1024:1024 + 2 * 1025])
-    env = {**dataset, **RUN, "DATA_PATH": str(data), "ITERATIONS": "0", "WARMUP_STEPS": "0", "TTT_ENABLED": "0",
-           "EVAL_STRIDE": "0", **OVER_CAP, "SIZE_CHECK": "warn"}
-    result = run_script(tmp_path, env)
-    assert result.returncode == 1
-    out = result.stdout
-    warning = re.search(r"^size_estimate int8\+zlib: total:~(\d+) cap:16000000 WARNING: over the cap by more than the "
-                        r"estimate's 6% error \(SIZE_CHECK=warn\)$", out, re.M)
-    assert warning and out.index(warning.group(0)) < out.index("step:0/0 val_loss")  # before training
-    total = int(re.search(r"Total submission size int8\+zlib: (\d+) bytes", out).group(1))
-    assert total > 16_000_000
-    assert f"size_check: total:{total} cap:16000000 estimate:{warning.group(1)} OVER the cap by {total - 16_000_000} bytes" in out
-    assert re.search(rf"^compliance .* artifact:{total}/16000000:OVER .* score:final_int8_zlib_roundtrip_exact", out, re.M)
-    assert {p.name for p in (tmp_path / "artifacts" / "t").iterdir()} == {"final_model.int8.ptz", "final_model.pt"}
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: ") and f"over the 16000000-byte cap by {total - 16_000_000} bytes" in error
-
-
-def final_weights(path: Path) -> dict:
-    import torch
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(tmp_path, dataset):
-    # Noise QAT on a wide MLP (RNG), EMA, a depth change after the checkpoint and a step-based
-    # warmdown across it: all of it must continue exactly.
-    env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "ITERATIONS": "10", "VAL_LOSS_EVERY": "5",
-           "NUM_LAYER_SCHEDULE": "0:1,6:2", "MODEL_DIM": "128", "MLP_MULT": "5", "MLP_LAYERS": "2", "EMA_DECAY": "0.8",
-           "WARMDOWN_START_STEP": "3", "MIN_LR_FRAC": "0.1", "UNET_SKIPS": "1", "BIGRAM_TABLE_SIZE": "64", "RUN_ID": "r"}
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    straight.mkdir()
-    crashed.mkdir()
-    first = run_script(straight, env)
-    assert first.returncode == 0, first.stderr[-2000:]
-    # The same run with checkpoints, killed (SIGKILL: no handler runs) while writing the step-6
-    # checkpoint, between its temporary file and the rename.
-    patch = ("import os, signal\n"
-             "replace = os.replace\n"
-             "def dying(src, dst):\n"
-             "    if str(dst).endswith('step6.pt'):\n"
-             "        os.kill(os.getpid(), signal.SIGKILL)\n"
-             "    replace(src, dst)\n"
-             "train_gpt.os.replace = dying")
-    assert run_patched(crashed, {**env, "CHECKPOINT_EVERY": "2"}, patch).returncode == -9
-    assert not (crashed / "artifacts").exists()
-    names = sorted(p.name for p in (crashed / "checkpoints" / "r").iterdir())
-    assert names[1:] == ["step2.pt", "step4.pt"] and names[0].startswith(".step6.pt.tmp")
-    resumed = run_script(crashed, {**env, "CHECKPOINT_EVERY": "2", "RESUME_FROM": "latest"})
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    out = resumed.stdout
-    assert re.search(r"^resumed_from:checkpoints/r/step4.pt step:4 train_time:\d+ms read:file$", out, re.M)
-    assert "lr_schedule:steps warmdown:3->10 min_lr_frac:0.1" in out
-    a, b = (final_weights(d / "artifacts" / "r" / "final_model.pt") for d in (straight, crashed))
-    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
-    tail = lambda text: [l for l in text.splitlines() if re.match(r"step:([5-9]|10)/10 (train|val)_loss", l)]
-    strip_time = lambda lines: [re.sub(r" train_time.*", "", l) for l in lines]
-    assert strip_time(tail(first.stdout)) == strip_time(tail(out)) and len(tail(out)) == 8
-    assert sorted(p.name for p in (crashed / "checkpoints" / "r").iterdir()) == ["step10.pt", "step8.pt"]  # no temp file
-    # One log, as the uninterrupted run's: the lines the killed run wrote after step 4 are cut off.
-    log = (crashed / "logs" / "r.txt").read_text()
-    steps = lambda text: strip_time([l for l in text.splitlines() if re.match(r"step:\d+/10 (train|val)_loss", l)])
-    assert steps(log) == steps((straight / "logs" / "r.txt").read_text()) and len(steps(log)) == 13
-    assert log.count("class Hyperparameters") == 1 and len(re.findall("^resumed_from:", log, re.M)) == 1
-
-
-def test_rows_first_used_after_a_depth_change_take_fresh_adams_first_step(tmp_path, dataset):
-    """PR #1088's rule at the switch: the control rows depth 3 adds were never used at depth 1, so
-    they keep their init and no Adam state until then, and their first update is lr in every
-    coordinate (lr * g / |g|), as a fresh parameter's; a step count that ran on gave 0.45 lr."""
-    env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "ITERATIONS": "5", "NUM_LAYER_SCHEDULE": "0:1,4:3",
-           "VAL_LOSS_EVERY": "0", "WARMDOWN_ITERS": "0", "CHECKPOINT_EVERY": "1", "RUN_ID": "rows"}
-    result = run_script(tmp_path, env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    import torch
-    before, after = (torch.load(tmp_path / "checkpoints" / "rows" / f"step{s}.pt", weights_only=True)["model"] for s in (4, 5))
-    lr = float(TINY.get("SCALAR_LR", 0.04))
-    for name in ("resid_mix", "attn_scale", "mlp_scale", "attn_norm_bias", "mlp_norm_bias"):
-        fresh = before[f"controls.{name}"][1:]
-        init = torch.ones_like(fresh) if "scale" in name else torch.zeros_like(fresh)
-        if name == "resid_mix":
-            init[:, 0] = 1.0
-        assert torch.equal(fresh, init), name  # untouched by the four steps at depth 1
-        step = (after[f"controls.{name}"][1:] - fresh).abs()
-        # lr * g / (|g| + ADAM_EPS): lr where |g| >> 1e-8, a little less for the smallest gradients
-        assert step.max() <= lr * (1 + 1e-5) and step.median() == pytest.approx(lr, rel=1e-3), (name, step.flatten()[:8])
-
-
-def torch_equal(x, y) -> bool:
-    import torch
-    return torch.equal(x, y)
-
-
-def test_checkpoint_of_another_config_is_refused(tmp_path, dataset):
-    env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "ITERATIONS": "2", "CHECKPOINT_EVERY": "2",
-           "VAL_LOSS_EVERY": "0", "WARMUP_STEPS": "0", "RUN_ID": "c"}
-    assert run_script(tmp_path, env).returncode == 0
-    ckpt = tmp_path / "checkpoints" / "c" / "step2.pt"
-    other = run_script(tmp_path, {**env, "RESUME_FROM": str(ckpt), "MODEL_DIM": "64", "MLP_LAYERS": "2"})
-    assert other.returncode == 1
-    error = other.stderr.strip().splitlines()
-    assert len(error) == 1 and f"RESUME_FROM={ckpt} was written with other settings: MLP_LAYERS=3 (now 2), MODEL_DIM=32 (now 64)" in error[0]
-    assert "warmup_step" not in other.stdout and "model_params" not in other.stdout
-    missing = run_script(tmp_path, {**env, "RESUME_FROM": "latest", "RUN_ID": "nothing"})
-    assert missing.returncode == 1 and "RESUME_FROM=latest: no checkpoints/nothing/step*.pt" in missing.stderr
 
 
 @pytest.mark.parametrize("system", ["deq", "mod_seed_lora"])
@@ -320,14 +205,67 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, dataset, case):
     assert not list(tmp_path.rglob("final_model*"))
 
 
-def test_old_torch_is_refused_in_one_line_before_any_work(tmp_path, dataset):
-    # The script run as __main__ under a torch that reports 2.4.1.
-    import os, subprocess, sys
-    shim = ("import runpy, sys, torch; torch.__version__ = '2.4.1'; sys.argv = [sys.argv[1]]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", shim, str(REPO / "train_gpt.py")], cwd=tmp_path, text=True,
-                            capture_output=True, env={**os.environ, **dataset, **RUN}, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["error: torch 2.4.1 is older than 2.5, the oldest this script supports: "
-                                                  "pip install 'torch>=2.5'"]
-    assert not (tmp_path / "logs").exists()
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SYSTEM_SETTINGS = {"hash_embed": {"BIGRAM_TABLE_SIZE": "64"}, "seed_lora": {"SEED_LORA_RANK": "2"},
+                   "mod": {"MOD_CAPACITY": "0.5"}, "deq": {"DEQ": "1"}, "ttt": {"TTT_ENABLED": "1"},
+                   "ema": {"EMA_DECAY": "0.5"}, "checkpoints": {"CHECKPOINT_EVERY": "2"},
+                   "unet": {"UNET_SKIPS": "1"}, "warmdown_steps": {"WARMDOWN_FRAC": "0.5"}, "gptq": {"QUANT_METHOD": "gptq"},
+                   "size_guard": {"SIZE_CHECK": "warn"}, "input_checks": {}}
+
+
+def test_every_system_strips_alone_to_a_script_that_builds_its_model(tmp_path):
+    listed = subprocess.run([sys.executable, str(REPO / "records" / "submission.py"), "strip", str(REPO / "train_gpt.py"),
+                             "--list"], capture_output=True, text=True, check=True).stdout
+    assert set(re.findall(r"^(\w+): \d+ blocks?", listed, re.M)) == set(SYSTEM_SETTINGS)
+    for system, settings in SYSTEM_SETTINGS.items():
+        out = tmp_path / f"{system}.py"
+        subprocess.run([sys.executable, str(REPO / "records" / "submission.py"), "strip", str(REPO / "train_gpt.py"),
+                        "-o", str(out), "--keep", system], check=True, capture_output=True)
+        stripped = load(out, f"stripped_{system}")
+        args = stripped.Hyperparameters({**TINY, **settings})
+        args.validate()
+        assert set(settings) <= stripped.known_settings()
+        assert not (stripped.known_settings() - train_gpt.known_settings())
+        others = {k for s, kv in SYSTEM_SETTINGS.items() if s != system for k in kv}
+        assert not others & stripped.known_settings(), system  # the other systems' settings are gone
+        model = stripped.GPT(args)
+        stripped.param_roles(model)  # every parameter has its one role
+        x = torch.randint(0, 512, (2, 32))
+        for depth in stripped.scheduled_depths(args):
+            assert model(x, x, depth)[0].shape == x.shape
+
+
+def final_lines(stdout: str) -> list[str]:
+    variable = re.compile(r" (?:train_time|step_avg|eval_time|tokens_per_s|write_time):\S+| \(code:\d+ bytes\)"
+                          r"|\(final_\S+:\d+ms.*?\) |code bytes:.*|artifact:\d+/")
+    kept = re.compile(r"^(step:\d+/\d+ |final_|quant_gap |layer_plan |compliance |Serialized model |train_summary )")
+    return [variable.sub("", line) for line in stdout.splitlines() if kept.match(line)]
+
+
+def test_the_stripped_core_computes_what_the_full_script_computes(tmp_path, dataset):
+    core = tmp_path / "core.py"
+    subprocess.run([sys.executable, str(REPO / "records" / "submission.py"), "strip", str(REPO / "train_gpt.py"),
+                    "-o", str(core)], check=True, capture_output=True)
+    assert len(core.read_text().splitlines()) < len((REPO / "train_gpt.py").read_text().splitlines()) - 500
+    env = {**dataset, **TINY, "ITERATIONS": "4", "NUM_LAYER_SCHEDULE": "0:1,2:2", "VAL_LOSS_EVERY": "2",
+           "TRAIN_LOG_EVERY": "1", "EVAL_STRIDE": "16", "SEED": "3", "RUN_ID": "same",
+           "MAX_WALLCLOCK_SECONDS": "0"}  # the wallclock warmdown's LR depends on measured step times
+    outs = []
+    for script in (REPO / "train_gpt.py", core):
+        run_dir = tmp_path / script.stem
+        run_dir.mkdir()
+        result = subprocess.run([sys.executable, str(script)], cwd=run_dir, env=child_env({"OMP_NUM_THREADS": "2", **env}),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outs.append(final_lines(result.stdout))
+    full, stripped = outs
+    assert any(line.startswith("final_sliding_window_exact") for line in full)
+    assert [line for line in full if line.startswith("layer_plan")] == ["layer_plan depth:1 layers:1 block@0",
+                                                                         "layer_plan depth:2 layers:2 block@0 block@1"]
+    assert stripped == full

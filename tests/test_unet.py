@@ -1,5 +1,5 @@
-"""The stem/core/tail family: unique blocks around the shared core. Its plain point is the
-challenge baseline, checked against an independent implementation of that baseline's model."""
+"""unet: U-Net skips across the stack. With stem and tail blocks the plain point is the challenge
+baseline, checked against an independent implementation of that baseline's model."""
 from __future__ import annotations
 
 import pytest
@@ -8,16 +8,40 @@ import torch._dynamo
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import tiny_args, tiny_model
+from conftest import batch, tiny_args, tiny_model
+
+
+def test_unet_skip_is_the_encoder_output_added_in_reverse():
+    model = tiny_model(randomize=True, UNET_SKIPS="1", NUM_LAYER_SCHEDULE="0:4")
+    plain = tiny_model(randomize=True, NUM_LAYER_SCHEDULE="0:4")
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "skip_weights"})
+    x, y = batch(model.args)
+    with torch.no_grad():
+        model.skip_weights.zero_()  # zero skip weights: exactly the plain stack
+        assert torch.equal(model(x, y, 4)[0], plain(x, y, 4)[0])
+        model.skip_weights[0] = 1.0  # only pass 2 (the first decoder pass) adds a skip
+        outputs = []
+        hook = model.block.register_forward_hook(lambda m, a, out: outputs.append(out))
+        model(x, y, 4)[0]
+        hook.remove()
+        # pass 2's input is pass 1's output plus the last stored skip, pass 1's output itself
+        inputs = []
+        hook = model.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+        model(x, y, 4)[0]
+        hook.remove()
+        assert torch.allclose(inputs[2], 2 * outputs[1])
+        assert torch.allclose(inputs[3], outputs[2])
+
+
+def test_unet_weights_2_needs_two_passes_everywhere():
+    with pytest.raises(train_gpt.RunError, match="UNET_WEIGHTS=2 needs core passes in both halves"):
+        tiny_args(UNET_SKIPS="1", UNET_WEIGHTS="2", NUM_LAYER_SCHEDULE="0:1,4:3")
+    with pytest.raises(train_gpt.RunError, match="UNET_WEIGHTS=2"):
+        tiny_args(UNET_WEIGHTS="2")
+
 
 PLAIN = {"NUM_STEM_BLOCKS": "4", "NUM_LAYER_SCHEDULE": "0:1", "NUM_TAIL_BLOCKS": "4", "MLP_MULT": "2", "MLP_LAYERS": "2",
          "ATTN_PER_BLOCK": "1", "UNET_SKIPS": "1", "TIE_EMBEDDINGS": "1", "NORM_BIAS": "0"}
-
-
-def batch(args, seqs: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, args.vocab_size, (seqs * args.train_seq_len + 1,), generator=g)
-    return train_gpt.inputs_and_targets(tokens, args.train_seq_len)
 
 
 def baseline_loss(state: dict[str, torch.Tensor], ids: torch.Tensor, targets: torch.Tensor, heads: int, kv_heads: int,
@@ -96,6 +120,7 @@ def test_plain_point_computes_the_baseline_model():
         assert not torch.allclose(model(x, y, 1)[0], reference, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["1", "2"])
 @pytest.mark.parametrize("stem,tail", [(0, 0), (1, 1)])
 def test_unet_stacks_compile_at_every_core_depth_and_all_learn(weights, stem, tail):
@@ -122,38 +147,3 @@ def test_unet_stacks_compile_at_every_core_depth_and_all_learn(weights, stem, ta
     for depth in (4, 2, 3):
         compiled(x, y, depth)[0]
     assert counters["stats"]["unique_graphs"] == primed
-
-
-def test_core_passes_sit_between_stem_and_tail():
-    model = tiny_model(randomize=True, NUM_STEM_BLOCKS="2", NUM_TAIL_BLOCKS="2", NUM_LAYER_SCHEDULE="0:3")
-    order = []
-    for name, module in [("stem0", model.stem[0]), ("stem1", model.stem[1]), ("core", model.block),
-                         ("tail0", model.tail[0]), ("tail1", model.tail[1])]:
-        module.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
-    x, y = batch(model.args)
-    with torch.no_grad():
-        model(x, y, 3)[0]
-    assert order == ["stem0", "stem1", "core", "core", "core", "tail0", "tail1"]
-
-
-def test_deq_core_solves_on_the_stem_output():
-    model = tiny_model(randomize=True, NUM_STEM_BLOCKS="1", NUM_TAIL_BLOCKS="1", DEQ="1", NUM_LAYER_SCHEDULE="0:2",
-                       DEQ_ITERS="3", EVAL_DEQ_ITERS="3")
-    stem_out, injections = [], []
-    model.stem[0].register_forward_hook(lambda m, a, out: stem_out.append(out))
-    model.block.register_forward_pre_hook(lambda m, a: injections.append(a[1]))
-    x, y = batch(model.args)
-    model.eval()
-    with torch.no_grad():
-        model(x, y, train_gpt.DEQ_SOLVE)[0]
-    assert injections and all(u is stem_out[0] for u in injections)
-    assert model.controls.resid_mix.shape[0] == 3  # stem, the one DEQ row, tail
-
-
-def test_bad_stem_tail_settings_name_the_variable():
-    with pytest.raises(train_gpt.RunError, match="NUM_STEM_BLOCKS=-1 must be at least 0"):
-        tiny_args(NUM_STEM_BLOCKS="-1")
-    # UNET_WEIGHTS=2 needs core passes on both sides of the stack's middle
-    with pytest.raises(train_gpt.RunError, match="UNET_WEIGHTS=2 needs core passes in both halves"):
-        tiny_args(UNET_SKIPS="1", UNET_WEIGHTS="2", NUM_STEM_BLOCKS="3", NUM_LAYER_SCHEDULE="0:2")
-    tiny_args(UNET_SKIPS="1", UNET_WEIGHTS="2", NUM_STEM_BLOCKS="1", NUM_TAIL_BLOCKS="1", NUM_LAYER_SCHEDULE="0:2")

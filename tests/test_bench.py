@@ -1,6 +1,6 @@
-"""bench/gpu_check.py: its CPU smoke run of the record check prints the GPU run's columns; the
-record check compiles with the real Inductor backend (C++ code generation on the CPU) at both
-depths, train and eval, without a recompile; a broken check fails by name."""
+"""bench/: gpu_check.py's CPU smoke run of the record check prints the GPU run's columns (compiled
+with the real Inductor backend at both depths, without a recompile), its judgments of logs, a
+broken check failing by name; golf.py warns about a look-alike setting before running."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
@@ -32,10 +34,11 @@ def rows(out: str) -> dict[str, list[dict[str, str]]]:
     return table
 
 
+@pytest.mark.slow
 def test_smoke_run_passes_every_check_with_inductor_and_no_recompiles(tmp_path):
     cache = tmp_path / "inductor"
     # For the suite's time, only the record check runs: the other checks' runs are other tests'
-    # (test_script.py's PR #1783 and evaluation runs, test_gptq.py's), their rows are judged below.
+    # (test_end_to_end.py's PR #1783 and evaluation runs, test_gptq.py's), their rows are judged below.
     result = run(tmp_path, "--only", "record", env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     table = rows(result.stdout)
@@ -63,6 +66,7 @@ def test_a_deq_run_gives_a_row_per_phase_and_the_solve_is_named():
         [("1", "66.6", "5.900,5.800", "pass"), ("solve", "237.9", "5.700,5.600", "pass")]
 
 
+@pytest.mark.slow
 def test_a_broken_check_fails_by_name(tmp_path):
     result = run(tmp_path, "--only", "deq", env={"ANDERSON_M": "0"})
     assert result.returncode == 1
@@ -116,3 +120,14 @@ def test_the_gptq_check_needs_rounded_matrices_and_reports_their_time():
     assert row["result"] == "pass" and row["note"] == "GPTQ 1372ms for 2 matrices" and row["ms_step"] == "548.4"
     (row,) = gpu_check.judge(check, log.format(n=0), None, None)  # nothing rounded: the check failed
     assert row["result"] == "FAIL" and "matrices" in row["note"]
+
+
+def test_golf_warns_about_a_lookalike_before_running(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "bench"))
+    import golf
+    script = tmp_path / "noop.py"
+    script.write_text("")
+    with pytest.raises(SystemExit, match="did not finish"):
+        golf.main(["--config", "typo NUM_LAYERS_SCHEDULE=0:9", "--out", str(tmp_path / "out"), "--script", str(script)])
+    assert "typo: WARNING: NUM_LAYERS_SCHEDULE is not a setting of this script and is ignored " \
+           "(closest: NUM_LAYER_SCHEDULE)" in capsys.readouterr().out
