@@ -108,7 +108,7 @@ def test_pr1783_systems_run_end_to_end(tmp_path, dataset, system):
     assert "recompiles_after_warmup:0" in out
     assert f"autocast_bf16:{system == 'deq'}" in out
     if system == "deq":
-        assert "layer_schedule_advance:step:3 active_num_layers:0" in out
+        assert "layer_schedule_advance:step:3 active_num_layers:2\nlayer_plan depth:2 layers:3 stem.0@0 block@1:solve tail.0@2" in out
         assert "deq_solve_start step:3 deq_iters:4 eval_deq_iters:6 anderson_m:5 phantom_steps:4" in out
         assert len(re.findall(r"^step:[4-6]/6 train_loss:\S+ .* deq_residual:\d+\.\d+$", out, re.M)) == 3
         assert re.search(r"^deq_residual eval_deq_iters:6 residual:\d+\.\d+$", out, re.M)
