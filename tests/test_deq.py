@@ -8,7 +8,7 @@ import torch
 import torch._dynamo
 
 import train_gpt
-from conftest import batch, tiny_model, plan
+from conftest import batch, tiny_model
 from test_mod import MOD
 
 DEQ = dict(DEQ="1", NUM_LAYER_SCHEDULE="0:2", DEQ_ITERS="6", EVAL_DEQ_ITERS="10")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 import train_gpt
 from conftest import REPO, clock_of, tiny_args

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import train_gpt
 from conftest import TINY, clock_of, run_patched, tiny_args

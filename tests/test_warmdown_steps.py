@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import train_gpt
 from conftest import clock_of, tiny_args
