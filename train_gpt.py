@@ -2514,10 +2514,10 @@ def doc_segments(val_tokens: Tensor) -> list[tuple[int, int]]:
 
 
 def ttt_train_step(model: nn.Module, params: list[Tensor], tokens: Tensor, windows: np.ndarray, lane_counts: Tensor,
-                   plan: tuple[Layer, ...], *, seq_len: int, batch: int, lora: LoRA | None, shared: bool) -> None:
+                   plan: tuple[Layer, ...], *, seq_len: int, batch: int, mode_of: Callable[[Tensor], Mode],
+                   shared: bool) -> None:
     """Accumulate the gradient of the sum over lanes of each lane's mean loss on its windows;
     `shared`: they are this rank's share, and the gradient is summed over ranks."""
-    mode_of = (lambda _rows: Mode()) if lora is None else lora.mode
     for b in window_forwards(model, tokens, windows, plan, seq_len=seq_len, batch=batch, mode_of=mode_of):
         (b.nats / lane_counts[b.rows[:, 3], None]).sum().backward()
     for p in params:
@@ -2609,9 +2609,10 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, plan: tup
         else:
             params = list(lora.parameters())
             opt = torch.optim.Adam(params, lr=args.ttt_lr, betas=(args.beta1, args.beta2), eps=TTT_ADAM_EPS)
+        mode_of = (lambda _rows: Mode()) if lora is None else lora.mode
         for c, (score_rows, train_rows) in enumerate(ttt_steps(group, args)):
             sums += eval_windows(model, tokens, share(score_rows), plan, luts, seq_len=seq_len, batch=score_batch,
-                                 mode_of=(lambda _rows: Mode()) if lora is None else lora.mode, per_position=positions)[0]
+                                 mode_of=mode_of, per_position=positions)[0]
             adapted += int((score_rows[:, 2] - score_rows[:, 1]).sum()) if c else 0
             if train_rows is None:
                 continue
@@ -2619,7 +2620,7 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, plan: tup
             lane_counts = torch.from_numpy(lane_counts).float().to(device).clamp_min(1.0)
             for _ in range(args.ttt_steps):
                 ttt_train_step(model, params, tokens, share(train_rows), lane_counts, plan, seq_len=seq_len,
-                               batch=train_batch, lora=lora, shared=shared)
+                               batch=train_batch, mode_of=mode_of, shared=shared)
                 if full:
                     torch.nn.utils.clip_grad_norm_(params, TTT_GRAD_CLIP)
                 opt.step()
