@@ -152,15 +152,10 @@ class Hyperparameters:
         self.eval_batch_seqs = self._get("EVAL_BATCH_SEQS", 32, "[1,)")
 
     def _export(self) -> None:
-        # Matrices become b-bit codes (4 to 8) with one fp16 step per row, clipped at the baseline's
-        # percentile of |w| or, with MATRIX_CLIP_SIGMAS > 0, at that many row standard deviations (the
-        # records' SDClip). Bits per class: ATTN_BITS and MLP_BITS (the MLP's and any other large
-        # matrix), both QUANT_BITS unless set; the token embedding EMBED_BITS and an untied head
-        # HEAD_BITS (default EMBED_BITS; 16 keeps either fp16), clipped at EMBED_CLIP_SIGMAS.
-        # COMPRESSOR: zlib (level 9), zstd (level 22) or lzma. NOISY_QAT perturbs the quantized
-        # matrices from QAT_START_FRAC of training on:
-        # uniform noise of one step of row max / qmax (QAT_MODE=noise, PR #1088), of one step of the
-        # export's grid (grid_noise), or straight-through rounding to that grid (ste).
+        # Matrices become b-bit codes with one fp16 step per row (quantize_rows), per class: ATTN_BITS,
+        # MLP_BITS (any other large matrix too), EMBED_BITS, HEAD_BITS (16 keeps it fp16); a row's clip
+        # is the baseline's percentile of |w| or, when *_CLIP_SIGMAS > 0, SDClip (row_clip). NOISY_QAT
+        # trains against that grid from QAT_START_FRAC on, as QAT_MODE says (CastedLinear).
         self.quant_bits = self._get("QUANT_BITS", 8)
         self.attn_bits = self._get("ATTN_BITS", self.quant_bits)
         self.mlp_bits = self._get("MLP_BITS", self.quant_bits)
@@ -221,21 +216,13 @@ class Hyperparameters:
     def validate(self, world_size: int = 1, device_type: str = "cpu") -> None:
         """Turn every bad combination, for this world size and device, into one RunError naming the variable."""
         run_stages(self)  # parses NUM_LAYER_SCHEDULE and builds every stage's plan, which a system may refuse
-        if self.model_dim % self.num_heads:
-            raise RunError(f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
+        # >>> input_checks
+        check_shapes(self)
+        # <<< input_checks
         head_dim = self.model_dim // self.num_heads
-        if head_dim % 2:
-            raise RunError(f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
         if device_type == "cuda" and (head_dim % 8 or head_dim > 256):
             raise RunError(f"head dim MODEL_DIM/NUM_HEADS={head_dim}: flash attention, the only SDPA kernel enabled "
                            "on CUDA, needs a multiple of 8 of at most 256")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
-            raise RunError(f"RUN_ID={self.run_id!r} names the run's files: use at most 128 letters, digits, '.', '_' "
-                           "and '-', starting with a letter or digit")
-        if self.num_heads % self.num_kv_heads:
-            raise RunError(f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        if int(self.mlp_mult * self.model_dim) < 1:
-            raise RunError(f"MLP_MULT={self.mlp_mult} gives an empty MLP")
         if self.eval_stride > self.eval_seq_len:
             raise RunError(f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}: tokens would go unscored")
         if self.compressor == "zstd":
@@ -1087,30 +1074,12 @@ def compress(data: bytes, compressor: str) -> bytes:
     return zlib.compress(data, level=9)
 
 
-MAX_DECOMPRESSED_BYTES = 1 << 30  # far above any artifact under the cap: a crafted file stops here
-
-
-def decompress(data: bytes, limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:
-    """The compressor is told by its magic bytes, so loading needs no settings. Output past `limit`
-    bytes, or a truncated stream, is refused."""
+def decompress(data: bytes) -> bytes:
+    """The compressor is told by its magic bytes, so loading needs no settings."""
     if data.startswith(b"\x28\xb5\x2f\xfd"):
         import zstandard
-        d, parts, size = zstandard.ZstdDecompressor().decompressobj(), [], 0
-        for i in range(0, len(data), 1024):  # 1 KiB of input makes at most 32 MiB of output
-            parts.append(d.decompress(data[i : i + 1024]))
-            size += len(parts[-1])
-            if size > limit or d.eof:
-                break
-        out, complete = b"".join(parts), d.eof
-    else:
-        d = lzma.LZMADecompressor() if data.startswith(b"\xfd7zXZ\x00") else zlib.decompressobj()
-        out = d.decompress(data, limit + 1)
-        complete = d.eof
-    if len(out) > limit:
-        raise RunError(f"decompresses to more than {limit} bytes")
-    if not complete:
-        raise RunError("the compressed stream is truncated")
-    return out
+        return zstandard.ZstdDecompressor().decompress(data)
+    return (lzma if data.startswith(b"\xfd7zXZ\x00") else zlib).decompress(data)
 
 
 def width_name(args: Hyperparameters) -> str:
@@ -1133,10 +1102,11 @@ def load_artifact(path: str | Path, data: bytes | None = None) -> dict[str, Tens
     """Dequantized state dict from an artifact (the file, or its bytes `data`); anything but this
     script's format is refused."""
     try:
-        if data is None and os.path.getsize(path) > MAX_DECOMPRESSED_BYTES:
-            raise RunError(f"{os.path.getsize(path)} bytes is no artifact")
+        # >>> input_checks
+        check_stream(path, data, MAX_DECOMPRESSED_BYTES)
+        # <<< input_checks
         data = Path(path).read_bytes() if data is None else data
-        obj = torch.load(io.BytesIO(decompress(data, MAX_DECOMPRESSED_BYTES)), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(decompress(data)), map_location="cpu", weights_only=True)
     except Exception as e:  # reading, decompression, unpickling and weights_only errors alike
         raise RunError(f"{path} is not a loadable artifact: {type(e).__name__}: {(str(e) or '?').splitlines()[0]}") from None
     # >>> input_checks
@@ -3137,6 +3107,47 @@ def check_token_ids(files: list[Path], vocab_size: int) -> Callable[[bool], None
         if problems:
             raise RunError(problems[0])
     return wait
+
+
+def check_shapes(args: Hyperparameters) -> None:
+    """Settings that would otherwise fail inside torch, and a RUN_ID that could not name files."""
+    if args.model_dim % args.num_heads:
+        raise RunError(f"MODEL_DIM={args.model_dim} is not divisible by NUM_HEADS={args.num_heads}")
+    head_dim = args.model_dim // args.num_heads
+    if head_dim % 2:
+        raise RunError(f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", args.run_id):
+        raise RunError(f"RUN_ID={args.run_id!r} names the run's files: use at most 128 letters, digits, '.', '_' "
+                       "and '-', starting with a letter or digit")
+    if args.num_heads % args.num_kv_heads:
+        raise RunError(f"NUM_HEADS={args.num_heads} is not divisible by NUM_KV_HEADS={args.num_kv_heads}")
+    if int(args.mlp_mult * args.model_dim) < 1:
+        raise RunError(f"MLP_MULT={args.mlp_mult} gives an empty MLP")
+
+
+MAX_DECOMPRESSED_BYTES = 1 << 30  # far above any artifact under the cap: a crafted file stops here
+
+
+def check_stream(path: str | Path, data: bytes | None, limit: int) -> None:
+    """Refuse an artifact file larger than `limit`, or a compressed stream (`data`, else the file's)
+    that is truncated or would decompress past `limit` bytes: it is read 1 KiB at a time, and a
+    crafted file stops there without being inflated."""
+    if data is None and os.path.getsize(path) > limit:
+        raise RunError(f"{os.path.getsize(path)} bytes is no artifact")
+    data = Path(path).read_bytes() if data is None else data
+    if data.startswith(b"\x28\xb5\x2f\xfd"):
+        import zstandard
+        d = zstandard.ZstdDecompressor().decompressobj()
+    else:
+        d = lzma.LZMADecompressor() if data.startswith(b"\xfd7zXZ\x00") else zlib.decompressobj()
+    size = 0
+    for i in range(0, len(data), 1024):  # 1 KiB of input makes at most 32 MiB of output
+        size += len(d.decompress(data[i : i + 1024]))
+        if size > limit:
+            raise RunError(f"decompresses to more than {limit} bytes")
+        if d.eof:
+            return
+    raise RunError("the compressed stream is truncated")
 
 
 def check_schema(obj: object) -> str | None:

@@ -186,23 +186,9 @@ def test_write_atomic_syncs_before_the_rename_and_cleans_up_after_a_failure(tmp_
 
 
 @pytest.mark.parametrize("compressor", train_gpt.COMPRESSORS)
-def test_decompression_is_bounded_and_complete(tmp_path, compressor):
-    bomb = train_gpt.compress(bytes(64 << 20), compressor)  # 64 MiB of zeros in a few KB
-    with pytest.raises(train_gpt.RunError, match="more than 1048576 bytes"):
-        train_gpt.decompress(bomb, limit=1 << 20)
-    data = os.urandom(4096)
-    packed = train_gpt.compress(data, compressor)
-    assert train_gpt.decompress(packed) == data
-    with pytest.raises(train_gpt.RunError, match="truncated"):
-        train_gpt.decompress(packed[: len(packed) // 2])
-
-
-def test_an_artifact_bomb_is_refused_without_inflating_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_gpt, "MAX_DECOMPRESSED_BYTES", 1 << 20)
-    path = tmp_path / "bomb.ptz"
-    path.write_bytes(zlib.compress(bytes(256 << 20), 9))
-    with pytest.raises(train_gpt.RunError, match="bomb.ptz is not a loadable artifact: RunError: decompresses to more"):
-        train_gpt.load_artifact(path)
+def test_compress_and_decompress_are_inverse_for_every_compressor(compressor):
+    data = os.urandom(4096) + bytes(4096)
+    assert train_gpt.decompress(train_gpt.compress(data, compressor)) == data
 
 
 def test_weights_of_other_settings_are_refused_naming_the_source(tmp_path):

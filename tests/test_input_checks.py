@@ -175,3 +175,23 @@ def test_old_torch_is_refused_in_one_line_before_any_work(tmp_path, dataset):
     assert result.stderr.strip().splitlines() == ["error: torch 2.4.1 is older than 2.5, the oldest this script supports: "
                                                   "pip install 'torch>=2.5'"]
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("compressor", train_gpt.COMPRESSORS)
+def test_a_stream_is_checked_bounded_and_complete_before_it_is_inflated(compressor):
+    bomb = train_gpt.compress(bytes(64 << 20), compressor)  # 64 MiB of zeros in a few KB
+    with pytest.raises(train_gpt.RunError, match="more than 1048576 bytes"):
+        train_gpt.check_stream("x", bomb, limit=1 << 20)
+    packed = train_gpt.compress(os.urandom(4096), compressor)
+    train_gpt.check_stream("x", packed, 1 << 20)
+    with pytest.raises(train_gpt.RunError, match="truncated"):
+        train_gpt.check_stream("x", packed[: len(packed) // 2], 1 << 20)
+
+
+def test_an_artifact_bomb_is_refused_without_inflating_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_gpt, "MAX_DECOMPRESSED_BYTES", 1 << 20)
+    monkeypatch.setattr(train_gpt, "decompress", lambda data: pytest.fail("inflated before the check"))
+    path = tmp_path / "bomb.ptz"
+    path.write_bytes(zlib.compress(bytes(256 << 20), 9))
+    with pytest.raises(train_gpt.RunError, match="bomb.ptz is not a loadable artifact: RunError: decompresses to more"):
+        train_gpt.load_artifact(path)

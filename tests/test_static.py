@@ -7,8 +7,10 @@ unused imports, module names, arguments and locals, and words that name a system
 from __future__ import annotations
 
 import ast
+import io
 import re
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,29 @@ def test_every_system_has_its_words():
 def test_the_stripped_script_leaves_nothing_of_the_systems_it_removed(keep):
     found = findings(stripped(keep), keep)
     assert not found, "\n".join(found)
+
+
+# The stripped core is what a newcomer reads: it may grow only past this ceiling by a decision, and
+# what an optional system needs goes in its block. Comments and docstrings stay 8-15% of its lines.
+CORE_LINE_CEILING = 1_800
+
+
+def comment_lines(text: str) -> int:
+    """Lines of `text` that are only a comment, or part of a docstring (a string statement)."""
+    lines = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+             if tok.type == tokenize.COMMENT and tok.line.lstrip().startswith("#")}
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            lines.update(range(node.lineno, node.end_lineno + 1))
+    return len(lines)
+
+
+def test_the_stripped_core_stays_within_its_line_ceiling_and_comment_share():
+    core = stripped([])
+    lines = len(core.splitlines())
+    assert lines <= CORE_LINE_CEILING, f"the stripped core has {lines} lines, over its ceiling of {CORE_LINE_CEILING}"
+    assert 0.08 <= comment_lines(core) / lines <= 0.15, f"{comment_lines(core)} of {lines} lines are comments"
+    assert comment_lines('x = 1  # code\n# one\n"""two\nthree"""\ny = "not a docstring"\n') == 3
 
 
 def test_the_check_finds_what_it_looks_for():
