@@ -119,14 +119,17 @@ class Hyperparameters:
         self.rope_base = self._get("ROPE_BASE", 10000.0, "(0,)")
         self.logit_softcap = self._get("LOGIT_SOFTCAP", 30.0, "(0,)")
         self.qk_gain_init = self._get("QK_GAIN_INIT", 1.5)
-        # "step:depth,..." -- depth of the shared core from each step on.
+        # "start:depth,..." -- passes of the shared core from each start on: a step, or a fraction
+        # of training such as 0.35 (of the wallclock cap when there is one, else of ITERATIONS).
         self.num_layer_schedule = self._get("NUM_LAYER_SCHEDULE", "0:2,2000:6")
-        # Unique blocks before and after the shared core: the layer stack is NUM_STEM_BLOCKS, then
-        # the core's passes, then NUM_TAIL_BLOCKS. 0 and 0 is PR #1088; 4, "0:1" and 4 (one
-        # attention, MLP x2, no norm biases, tied embeddings, width 512) is the
-        # challenge's 9-layer baseline.
+        # The layer stack: NUM_STEM_BLOCKS unique blocks, the core's passes (each runs its
+        # NUM_CORE_BLOCKS blocks in order), NUM_TAIL_BLOCKS unique blocks. 0, 1, 0 is PR #1088; 4, 1
+        # and 4 at depth 1 the challenge's 9-layer baseline; 3, 3 and 5 at depths 1 then 3 the
+        # looped records. A control row per layer (PR #1088's per-depth rows), or per block.
         self.num_stem_blocks = self._get("NUM_STEM_BLOCKS", 0, "[0,)")
+        self.num_core_blocks = self._get("NUM_CORE_BLOCKS", 1, "[1,)")
         self.num_tail_blocks = self._get("NUM_TAIL_BLOCKS", 0, "[0,)")
+        self.per_layer_controls = self._get("PER_LAYER_CONTROLS", True)
 
     def _optimizer(self) -> None:
         self.embed_lr = self._get("EMBED_LR", 0.6, "[0,)")
@@ -206,7 +209,7 @@ class Hyperparameters:
         return os.path.join(self.data_path, "fineweb_val_*.bin")
 
     @property
-    def layer_schedule(self) -> tuple[tuple[int, int], ...]:
+    def layer_schedule(self) -> tuple[tuple[int | float, int], ...]:
         return parse_layer_schedule(self.num_layer_schedule)
 
     @property
@@ -251,20 +254,26 @@ def grad_accum_steps(world_size: int) -> int:
 
 
 @functools.cache
-def parse_layer_schedule(text: str) -> tuple[tuple[int, int], ...]:
-    phases: list[tuple[int, int]] = []
+def parse_layer_schedule(text: str) -> tuple[tuple[int | float, int], ...]:
+    """(start, depth) phases: a start is a step (an int) or a fraction of training in (0, 1)."""
+    phases: list[tuple[int | float, int]] = []
     for item in text.split(","):
         try:
-            step, depth = (int(v) for v in item.split(":"))
+            start, depth = item.split(":")
+            start, depth = (float(start) if "." in start else int(start)), int(depth)
         except ValueError:
-            raise RunError(f"NUM_LAYER_SCHEDULE={text!r}: {item!r} is not step:depth with integers") from None
+            raise RunError(f"NUM_LAYER_SCHEDULE={text!r}: {item!r} is not start:depth, a step or fraction and "
+                           "an integer") from None
         if depth < 1:
             raise RunError(f"NUM_LAYER_SCHEDULE={text!r}: depth {depth} must be at least 1")
-        if phases and step <= phases[-1][0]:
-            raise RunError(f"NUM_LAYER_SCHEDULE={text!r}: steps must increase ({step} after {phases[-1][0]})")
-        phases.append((step, depth))
+        if isinstance(start, float) and not 0 < start < 1:
+            raise RunError(f"NUM_LAYER_SCHEDULE={text!r}: a fraction of training ({start}) must lie in (0, 1)")
+        if phases and (start <= phases[-1][0] or phases[-1][0] and type(start) is not type(phases[-1][0])):
+            raise RunError(f"NUM_LAYER_SCHEDULE={text!r}: starts must increase, all steps or all fractions "
+                           f"({start} after {phases[-1][0]})")
+        phases.append((start, depth))
     if phases[0][0] != 0:
-        raise RunError(f"NUM_LAYER_SCHEDULE={text!r} must start with step 0")
+        raise RunError(f"NUM_LAYER_SCHEDULE={text!r} must start at step 0")
     return tuple(phases)
 
 
@@ -728,7 +737,7 @@ class Block(nn.Module):
 class Layer(NamedTuple):
     """One layer of the stack: GPT's block `block` with DepthControls row `row`, run by LAYER_KINDS[kind]."""
     kind: str  # "plain" (the core's); an optional system registers its own kinds
-    block: str  # "stem.0", "block" (the shared core), "tail.0"
+    block: str  # "stem.0", "block" (the shared core) or "block.1" (of a core group), "tail.0"
     row: int
     # >>> unet
     pop: int = -1  # first add skip_weights[pop] times the last kept skip (-1: none)
@@ -754,12 +763,15 @@ LAYER_KINDS: dict[str, LayerKind] = {}  # the forward dispatches each layer thro
 
 
 def layer_plan(args: Hyperparameters, depth: int) -> tuple[Layer, ...]:
-    """The stack at `depth`: the stem's blocks, `depth` passes of the shared core, then the tail's
-    blocks, with their control rows and kinds."""
-    stem, tail = args.num_stem_blocks, args.num_tail_blocks
-    core, core_rows = [Layer("plain", "block", stem + d) for d in range(depth)], args.max_depth
+    """The stack at `depth`: the stem's blocks, `depth` passes of the shared core (its blocks in
+    order), then the tail's blocks, with their control rows and kinds."""
+    stem, tail, group = args.num_stem_blocks, args.num_tail_blocks, args.num_core_blocks
+    names = ["block"] if group == 1 else [f"block.{g}" for g in range(group)]
+    core = [Layer("plain", name, stem + (d * group + g if args.per_layer_controls else g))
+            for d in range(depth) for g, name in enumerate(names)]
+    core_rows = args.max_depth * group if args.per_layer_controls else group
     # >>> mod
-    if args.mod_capacity:  # every MOD_EVERY-th pass is routed
+    if args.mod_capacity:  # every MOD_EVERY-th layer of the core is routed
         core = [layer._replace(kind="routed") if d % args.mod_every == args.mod_every - 1 else layer
                 for d, layer in enumerate(core)]
     # <<< mod
@@ -776,8 +788,8 @@ def layer_plan(args: Hyperparameters, depth: int) -> tuple[Layer, ...]:
 
 
 class Stage(NamedTuple):
-    """From training step `start` on, `depth` passes of the core, run as `plan`."""
-    start: int
+    """From `start` on (a training step, or a fraction of training), `depth` passes of the core, run as `plan`."""
+    start: int | float
     depth: int
     plan: tuple[Layer, ...]
 
@@ -816,7 +828,8 @@ class GPT(nn.Module):
         linear = seed_lora_linears(args, linear)
         # <<< seed_lora
         self.stem = nn.ModuleList([Block(args, linear) for _ in range(args.num_stem_blocks)])
-        self.block = Block(args, linear)  # the shared core
+        core = [Block(args, linear) for _ in range(args.num_core_blocks)]
+        self.block = core[0] if len(core) == 1 else nn.ModuleList(core)  # the shared core: a block or a group
         # >>> unet
         self.decoder_block = Block(args, linear) if args.unet_weights == 2 else None
         # <<< unet
@@ -825,8 +838,9 @@ class GPT(nn.Module):
         rows = 1 + max(layer.row for stage in stages for layer in stage.plan)
         self.controls = DepthControls(rows, args)
         # >>> unet
-        layers = len(self.stem) + args.max_depth + len(self.tail)
+        layers = len(self.stem) + args.max_depth * args.num_core_blocks + len(self.tail)
         self.skip_weights = nn.Parameter(torch.ones(layers // 2, args.model_dim)) if args.unet_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(layers // 2, args.model_dim)) if args.unet_gates else None
         # <<< unet
         self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, "head")
         if self.lm_head is not None:
@@ -876,9 +890,10 @@ class GPT(nn.Module):
         rows[[layer.row for layer in plan]] = True
         used = {p: rows for p in self.controls.parameters()}
         # >>> unet
-        if self.skip_weights is not None:
-            used[self.skip_weights] = torch.zeros(len(self.skip_weights), dtype=torch.bool)
-            used[self.skip_weights][[layer.pop for layer in plan if layer.pop >= 0]] = True
+        for p in (self.skip_weights, self.skip_gates):
+            if p is not None:
+                used[p] = torch.zeros(len(p), dtype=torch.bool)
+                used[p][[layer.pop for layer in plan if layer.pop >= 0]] = True
         # <<< unet
         return used
 
@@ -901,7 +916,9 @@ class GPT(nn.Module):
         for layer in plan:
             # >>> unet
             if layer.pop >= 0:
-                x = x + self.skip_weights[layer.pop].to(x.dtype) * skips.pop()
+                skip = self.skip_weights[layer.pop].to(x.dtype) * skips.pop()
+                gate = None if self.skip_gates is None else torch.sigmoid(self.skip_gates[layer.pop].to(x.dtype))
+                x = x + skip if gate is None else torch.lerp(skip, x, gate)
             # <<< unet
             x, layer_reports = LAYER_KINDS[layer.kind].run(self, layer, x, x0, rope, mode)
             for k, v in layer_reports.items():
@@ -945,7 +962,7 @@ def autocast(device: torch.device):
 # Every parameter's role, from its name: exactly one pattern matches each (param_roles checks it
 # when the optimizers are built). The optimizers and the export read roles from here alone; an
 # optional system adds its parameters' patterns.
-BLOCK_MATRIX = r"(stem\.\d+|block|decoder_block|tail\.\d+)\.(attns\.\d+\.(c_q|c_k|c_v|proj)|mlp\.(fc|mids\.\d+|proj))"
+BLOCK_MATRIX = r"(stem\.\d+|block(\.\d+)?|decoder_block|tail\.\d+)\.(attns\.\d+\.(c_q|c_k|c_v|proj)|mlp\.(fc|mids\.\d+|proj))"
 PARAM_ROLES = {
     # Muon at MATRIX_LR; QUANT_BITS codes when large.
     "matrix": BLOCK_MATRIX + r"\.weight",
@@ -1620,7 +1637,8 @@ def log_config(run: Run) -> None:
     log(f"attention_mode:gqa num_heads:{args.num_heads} num_kv_heads:{args.num_kv_heads} "
         f"attn_per_block:{args.attn_per_block} mlp_layers:{args.mlp_layers} mlp_hidden:{int(args.mlp_mult * args.model_dim)}")
     log(f"layer_schedule:{','.join(f'{s}:{d}' for s, d in args.layer_schedule)} max_depth:{args.max_depth} "
-        f"stem_blocks:{args.num_stem_blocks} tail_blocks:{args.num_tail_blocks} norm_bias:{args.norm_bias}")
+        f"stem_blocks:{args.num_stem_blocks} core_blocks:{args.num_core_blocks} tail_blocks:{args.num_tail_blocks} "
+        f"per_layer_controls:{args.per_layer_controls} norm_bias:{args.norm_bias}")
     log(f"export:{format_name(args)} embed_bits:{args.embed_bits} head_bits:{args.head_bits} "
         f"clip_sigmas:{args.matrix_clip_sigmas},{args.embed_clip_sigmas} "
         f"noisy_qat:{args.noisy_qat} qat_mode:{args.qat_mode} qat_start_frac:{args.qat_start_frac}")
@@ -1768,6 +1786,10 @@ class Trainer:
         self.log(f"layer_schedule_advance:step:{self.step} active_num_layers:{stage.depth}")
         self.log(str(stage))
 
+    def reached(self, start: int | float) -> bool:
+        """Whether training is at or past `start`: a step, or a fraction of training (the clock's estimate)."""
+        return start <= (self.step if isinstance(start, int) else self.clock.progress(self.step, self.args.iterations))
+
     def next_stage(self, stage: Stage) -> None:
         self.sync()
         self.log_stage_end()
@@ -1800,7 +1822,7 @@ class Trainer:
                 if self.stop and self.step < args.iterations:
                     log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms:.0f}ms step:{self.step}/{args.iterations}")
                 break
-            if later and later[0].start <= self.step:
+            if later and self.reached(later[0].start):
                 self.next_stage(later[0])
                 del later[0]
             train_loss, reports = self.train_step()
@@ -2008,12 +2030,16 @@ def main() -> None:
 # >>> unet: U-Net skips across the stack (PR #470; the challenge's baseline)
 def unet_settings(h: Hyperparameters) -> None:
     # The stack's first half keeps its outputs, the second half adds them back in reverse order,
-    # times learned skip weights. UNET_WEIGHTS=2 gives the core's passes in each half their own
-    # shared block. The challenge's 9-layer baseline has UNET_SKIPS=1.
+    # times learned skip weights; with UNET_GATES=1 it mixes them in by a learned sigmoid gate per
+    # channel, x <- lerp(skip, x, sigmoid(gate)) (the looped records). UNET_WEIGHTS=2 gives the
+    # core's passes in each half their own shared block. The challenge's 9-layer baseline has UNET_SKIPS=1.
     h.unet_skips = h._get("UNET_SKIPS", False)
+    h.unet_gates = h._get("UNET_GATES", False)
     h.unet_weights = h._get("UNET_WEIGHTS", 1, "[1,2]")
-    if h.unet_weights == 2 and not h.unet_skips:
-        raise RunError("UNET_WEIGHTS=2 needs UNET_SKIPS=1")
+    if h.unet_gates and not h.unet_skips:
+        raise RunError("UNET_GATES=1 needs UNET_SKIPS=1")
+    if h.unet_weights == 2 and (not h.unet_skips or h.num_core_blocks > 1):
+        raise RunError("UNET_WEIGHTS=2 needs UNET_SKIPS=1 and a core of one block (NUM_CORE_BLOCKS=1)")
     stem, tail = h.num_stem_blocks, h.num_tail_blocks
     if h.unet_weights == 2 and any(not stem < (stem + d + tail) // 2 < stem + d for _, d in h.layer_schedule):
         raise RunError("UNET_WEIGHTS=2 needs core passes in both halves of the stack at every depth of "
@@ -2021,7 +2047,7 @@ def unet_settings(h: Hyperparameters) -> None:
 
 
 EXTENSION_SETTINGS.append(unet_settings)
-PARAM_ROLES["control"] += r"|skip_weights"
+PARAM_ROLES["control"] += r"|skip_weights|skip_gates"
 
 
 def unet_plan(args: Hyperparameters, plan: list[Layer]) -> list[Layer]:
@@ -2282,6 +2308,9 @@ def deq_settings(h: Hyperparameters) -> None:
     if h.deq_tol > 0 and h.torch_compile:
         raise RunError(f"DEQ_TOL={h.deq_tol} stops the solve early by reading the residual on the host, which a "
                        "compiled graph cannot do: set TORCH_COMPILE=0 or DEQ_TOL=0")
+    if h.deq and (h.num_core_blocks > 1 or any(isinstance(start, float) for start, _ in h.layer_schedule)):
+        raise RunError(f"DEQ=1 solves one block from DEQ_WARMUP_STEPS on: it needs NUM_CORE_BLOCKS=1 (not "
+                       f"{h.num_core_blocks}) and a NUM_LAYER_SCHEDULE of steps (not {h.num_layer_schedule!r})")
 
 
 EXTENSION_SETTINGS.append(deq_settings)

@@ -2,12 +2,14 @@
 stem/core/tail stack and the layer plan it runs, compile behaviour across depths, and QAT."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch._dynamo
 
 import train_gpt
-from conftest import UNET_STACK, batch, tiny_args, tiny_model, plan
+from conftest import REPO, UNET_STACK, batch, clock_of, tiny_args, tiny_model, plan
 
 
 def test_default_config_is_the_pr1088_record():
@@ -270,3 +272,85 @@ def test_deq_refuses_a_core_whose_passes_differ():
     for setting in (dict(UNET_SKIPS="1"), dict(MOD_CAPACITY="0.5")):
         with pytest.raises(train_gpt.RunError, match=r"DEQ=1 iterates one map .* UNET_SKIPS or MOD_CAPACITY"):
             tiny_args(DEQ="1", NUM_LAYER_SCHEDULE="0:4", **setting).validate()
+
+
+RECORD_ENV = REPO / "configs" / "looped_record.env"
+
+
+def record_args() -> train_gpt.Hyperparameters:
+    """The settings of configs/looped_record.env, the 1.0810 looped record's, read as a run reads them."""
+    env = dict(line.split("=", 1) for line in RECORD_ENV.read_text().splitlines() if line and not line.startswith("#"))
+    args = train_gpt.Hyperparameters(env)
+    args.validate(8)
+    return args
+
+
+def physical(layer: train_gpt.Layer, args: train_gpt.Hyperparameters) -> int:
+    """A layer's block as the record numbers its 11 blocks: stem 0-2, the core group 3-5, tail 6-10."""
+    part, _, index = layer.block.partition(".")
+    offset = {"stem": 0, "block": args.num_stem_blocks, "tail": args.num_stem_blocks + args.num_core_blocks}[part]
+    return offset + int(index or 0)
+
+
+def test_the_looped_record_config_builds_the_records_parameter_count_and_order():
+    args = record_args()
+    model = train_gpt.GPT(args)
+    # The record's published count: 11 x 2,883,584 block matrices + the 8192 x 512 tied embedding +
+    # 30,808 controls (11 blocks' scales, mixes and q gains; 8 skip weights and 8 skip gates).
+    assert sum(p.numel() for p in model.parameters()) == 35_944_536
+    first, looped = train_gpt.run_stages(args)
+    assert (first.start, first.depth, looped.start, looped.depth) == (0, 1, 0.35, 3)
+    # The record's lists (its GPT.__init__ with NUM_LOOPS=2, LOOP_START=3, LOOP_END=5): before the
+    # switch 11 layers split 5/6, after it 17 layers split 8/9.
+    for stage, encoder, decoder in ((first, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10]),
+                                    (looped, [0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])):
+        order = [physical(layer, args) for layer in stage.plan]
+        assert order == encoder + decoder
+        assert [layer.push for layer in stage.plan] == [True] * len(encoder) + [False] * len(decoder)
+        # Decoder layer k adds skip k (the last kept one first) while skips remain; the rest add none.
+        assert [layer.pop for layer in stage.plan[len(encoder):]] == \
+            [k if k < len(encoder) else -1 for k in range(len(decoder))]
+        # Every pass of a block uses the block's own control row.
+        assert [layer.row for layer in stage.plan] == order
+    assert model.controls.rows == 11 and model.skip_weights.shape == model.skip_gates.shape == (8, 512)
+
+
+def test_a_core_group_runs_its_blocks_in_order_in_every_pass():
+    model = tiny_model(randomize=True, NUM_STEM_BLOCKS="1", NUM_CORE_BLOCKS="2", NUM_TAIL_BLOCKS="1",
+                       NUM_LAYER_SCHEDULE="0:1,4:3")
+    assert blocks_called(model, 3) == ["stem.0"] + ["block.0", "block.1"] * 3 + ["tail.0"]
+    assert [layer.row for layer in plan(model, 3)] == [0, 1, 2, 3, 4, 5, 6, 7]  # a row per layer
+    shared = tiny_model(NUM_CORE_BLOCKS="2", PER_LAYER_CONTROLS="0", NUM_LAYER_SCHEDULE="0:1,4:3")
+    assert [layer.row for layer in plan(shared, 3)] == [0, 1] * 3 and shared.controls.rows == 2
+    assert {n.split(".")[1] for n, _ in shared.named_parameters() if n.startswith("block.")} == {"0", "1"}
+    assert {train_gpt.param_role(n) for n, _ in shared.named_parameters() if n.endswith("c_q.weight")} == {"matrix"}
+
+
+def test_a_schedule_starts_at_steps_or_at_fractions_of_training():
+    assert train_gpt.parse_layer_schedule("0:1,0.35:3") == ((0, 1), (0.35, 3))
+    assert isinstance(train_gpt.parse_layer_schedule("0:1,0.35:3")[1][0], float)
+    for bad, problem in (("0:1,1.5:3", "must lie in"), ("0:1,0.5:2,100:3", "all steps or all fractions"),
+                         ("0:1,0.5:2,0.4:3", "must increase"), ("0.5:1", "must start at step 0")):
+        with pytest.raises(train_gpt.RunError, match=problem):
+            train_gpt.parse_layer_schedule(bad)
+    args = tiny_args(NUM_LAYER_SCHEDULE="0:1,0.35:2", MAX_WALLCLOCK_SECONDS="1", ITERATIONS="100")
+    clock = clock_of(args)
+    clock.elapsed_ms, clock.step_ms, clock.sync_step = 340.0, 10.0, 10
+    trainer = SimpleNamespace(args=args, clock=clock, step=10)
+    assert not train_gpt.Trainer.reached(trainer, 0.35)  # 34% of the cap, by the clock's estimate
+    trainer.step = 11
+    assert train_gpt.Trainer.reached(trainer, 0.35) and train_gpt.Trainer.reached(trainer, 11)
+    uncapped = SimpleNamespace(args=tiny_args(MAX_WALLCLOCK_SECONDS="0", ITERATIONS="20"), step=6)
+    uncapped.clock = clock_of(uncapped.args)
+    assert not train_gpt.Trainer.reached(uncapped, 0.35) and not train_gpt.Trainer.reached(uncapped, 7)
+    uncapped.step = 7
+    assert train_gpt.Trainer.reached(uncapped, 0.35) and train_gpt.Trainer.reached(uncapped, 7)
+
+
+def test_systems_built_for_one_core_block_refuse_a_group():
+    for settings, name in (({"DEQ": "1", "NUM_CORE_BLOCKS": "2"}, "DEQ"),
+                           ({"DEQ": "1", "NUM_LAYER_SCHEDULE": "0:1,0.5:2"}, "DEQ"),
+                           ({"UNET_SKIPS": "1", "UNET_WEIGHTS": "2", "NUM_CORE_BLOCKS": "2"}, "UNET_WEIGHTS"),
+                           ({"UNET_GATES": "1"}, "UNET_GATES")):
+        with pytest.raises(train_gpt.RunError, match=f"^{name}="):
+            tiny_args(**settings)

@@ -33,6 +33,33 @@ def test_unet_skip_is_the_encoder_output_added_in_reverse():
         assert torch.allclose(inputs[3], outputs[2])
 
 
+def test_a_skip_gate_mixes_the_skip_in_by_its_sigmoid():
+    model = tiny_model(randomize=True, UNET_SKIPS="1", UNET_GATES="1", NUM_LAYER_SCHEDULE="0:4")
+    plain = tiny_model(randomize=True, NUM_LAYER_SCHEDULE="0:4")
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("skip_")})
+    x, y = batch(model.args)
+
+    def passes() -> tuple[list, list]:  # each pass's input and output
+        inputs, outputs = [], []
+        hooks = [model.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0])),
+                 model.block.register_forward_hook(lambda m, a, out: outputs.append(out))]
+        model(x, y, plan(model, 4))
+        for h in hooks:
+            h.remove()
+        return inputs, outputs
+
+    with torch.no_grad():
+        model.skip_gates.fill_(100.0)  # sigmoid 1: the skip is left out, exactly the plain stack
+        assert torch.equal(model(x, y, plan(model, 4))[0], plain(x, y, plan(plain, 4))[0])
+        # Pass 3 (the first of the decoder half) takes skip 0, pass 2's output times its weight.
+        model.skip_gates.fill_(-100.0)  # sigmoid 0: the weighted skip alone
+        inputs, outputs = passes()
+        assert torch.allclose(inputs[2], model.skip_weights[0] * outputs[1], atol=1e-6)
+        model.skip_gates[0].fill_(0.0)  # sigmoid 1/2: the mean of the two
+        inputs, outputs = passes()
+        assert torch.allclose(inputs[2], (model.skip_weights[0] * outputs[1] + outputs[1]) / 2, atol=1e-6)
+
+
 def test_unet_weights_2_needs_two_passes_everywhere():
     with pytest.raises(train_gpt.RunError, match="UNET_WEIGHTS=2 needs core passes in both halves"):
         tiny_args(UNET_SKIPS="1", UNET_WEIGHTS="2", NUM_LAYER_SCHEDULE="0:1,4:3")
