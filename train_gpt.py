@@ -618,17 +618,18 @@ def rms_norm(x: Tensor, bias: Tensor | None = None) -> Tensor:
     return x if bias is None else x + bias.to(x.dtype)
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+def rotary_tables(seq_len: int, dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return freqs.cos()[None, None], freqs.sin()[None, None]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    """Rotate the first 2 * cos.size(-1) dims of each head (all of them, unless the tables are partial)."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 LinearFactory = Callable[[int, int], nn.Module]  # (in_features, out_features) -> a linear of the block
@@ -662,6 +663,10 @@ class CausalSelfAttention(nn.Module):
         q = apply_rotary(rms_norm(q), *rope) * self.q_gain.to(x.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), *rope)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        # >>> record_block
+        if self.xsa:
+            y = exclude_own_value(y, v)
+        # <<< record_block
         return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim), mode)
 
 
@@ -675,10 +680,13 @@ class MLP(nn.Module):
         self.proj = linear(hidden, dim)
         self.proj._zero_init = True
 
+    def act(self, x: Tensor) -> Tensor:
+        return torch.relu(x).square()
+
     def forward(self, x: Tensor, mode: Mode) -> Tensor:
-        x = torch.relu(self.fc(x, mode)).square()
+        x = self.act(self.fc(x, mode))
         for mid in self.mids:
-            x = torch.relu(mid(x, mode)).square()
+            x = self.act(mid(x, mode))
         return self.proj(x, mode)
 
 
@@ -724,14 +732,22 @@ class Block(nn.Module):
         self.attns = nn.ModuleList([CausalSelfAttention(dim, args.num_heads, args.num_kv_heads, args.qk_gain_init, linear("attn"))
                                     for _ in range(args.attn_per_block)])
         self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_layers, linear("mlp"))
+        self.norm_scale = 1.0  # of every pre-norm output: a constant of the block
 
     def forward(self, x: Tensor, x0: Tensor, c: DepthControl, rope: tuple[Tensor, Tensor], mode: Mode) -> Tensor:
         mix = c.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
+        # >>> record_block
+        x_in = x
+        # <<< record_block
         for i, attn in enumerate(self.attns):
             bias = None if c.attn_norm_bias is None else c.attn_norm_bias[i]
-            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias), rope, mode)
-        return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias), mode)
+            x = x + c.attn_scale[i].to(x.dtype) * attn(rms_norm(x, bias) * self.norm_scale, rope, mode)
+        # >>> record_block
+        if self.parallel:  # GPT-J lanes: the MLP reads the block's input, as the attention does
+            return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x_in, c.mlp_norm_bias) * self.norm_scale, mode)
+        # <<< record_block
+        return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, c.mlp_norm_bias) * self.norm_scale, mode)
 
 
 class Layer(NamedTuple):
@@ -842,6 +858,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(layers // 2, args.model_dim)) if args.unet_skips else None
         self.skip_gates = nn.Parameter(torch.zeros(layers // 2, args.model_dim)) if args.unet_gates else None
         # <<< unet
+        self.rope_dims = args.model_dim // args.num_heads
         self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, "head")
         if self.lm_head is not None:
             self.lm_head._zero_init = True
@@ -850,6 +867,9 @@ class GPT(nn.Module):
         for module in self.modules():
             if getattr(module, "_zero_init", False) and isinstance(module, CastedLinear):
                 nn.init.zeros_(module.weight)
+        # >>> record_block
+        record_blocks(self, args)
+        # <<< record_block
         for stage in stages:
             self.check_plan(stage)
         # >>> ttt
@@ -908,7 +928,7 @@ class GPT(nn.Module):
             x = x + self.hash_emb(input_ids).to(x.dtype)
         # <<< hash_embed
         x = x0 = rms_norm(x)
-        rope = rotary_tables(input_ids.size(1), args.model_dim // args.num_heads, args.rope_base, input_ids.device)
+        rope = rotary_tables(input_ids.size(1), self.rope_dims, args.rope_base, input_ids.device)
         reports: dict[str, Tensor] = {}
         # >>> unet
         skips: list[Tensor] = []
@@ -2789,6 +2809,61 @@ def gptq_export(trainer: Trainer) -> dict[str, tuple[Tensor, Tensor]]:
                 f"time:{gptq_ms:.0f}ms train_time_with_gptq:{trainer.clock.elapsed_ms:.0f}ms")
     return rounded
 # <<< gptq
+
+
+# >>> record_block: the looped records' block pieces: LeakyReLU(0.5)^2, partial RoPE, norm scale, XSA, parallel residuals
+def record_block_settings(h: Hyperparameters) -> None:
+    # Each piece as the records define it, off by default. Blocks are numbered in the stack's
+    # order (stem, core, tail): block i scales its pre-norm outputs by 1/sqrt(i + 1) (LN_SCALE=1),
+    # the last XSA_LAST_N blocks' attention outputs lose their component along each head's own
+    # value (XSA), and blocks from PARALLEL_RESIDUAL_START on (-1: none) run the MLP on the block's
+    # input beside the attention. ROPE_DIMS rotates only the first dims of each head (0: all);
+    # MLP_NEGATIVE_SLOPE makes relu^2 a leaky relu, squared; ORTHO_INIT=1 starts every matrix of
+    # at least 64 x 64 that is not zero-initialized orthogonal.
+    h.mlp_negative_slope = h._get("MLP_NEGATIVE_SLOPE", 0.0, "[0,1)")
+    h.rope_dims = h._get("ROPE_DIMS", 0, "[0,)")
+    h.ln_scale = h._get("LN_SCALE", False)
+    h.xsa_last_n = h._get("XSA_LAST_N", 0, "[0,)")
+    h.parallel_residual_start = h._get("PARALLEL_RESIDUAL_START", -1, "[-1,)")
+    h.ortho_init = h._get("ORTHO_INIT", False)
+    head_dim = h.model_dim // h.num_heads
+    if h.rope_dims % 2 or h.rope_dims > head_dim:
+        raise RunError(f"ROPE_DIMS={h.rope_dims} must be even and at most the head dim {head_dim}")
+
+
+EXTENSION_SETTINGS.append(record_block_settings)
+
+
+def leaky_relu_squared(x: Tensor, negative_slope: float) -> Tensor:
+    return F.leaky_relu(x, negative_slope).square()
+
+
+def exclude_own_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: attention outputs [batch, heads, seq, head_dim] minus their component along the unit
+    value vector [batch, kv_heads, seq, head_dim] of their own position and KV head."""
+    b, h, t, d = y.shape
+    grouped = y.view(b, v.size(1), h // v.size(1), t, d)
+    unit = F.normalize(v, dim=-1)[:, :, None]
+    return (grouped - (grouped * unit).sum(-1, keepdim=True) * unit).view(b, h, t, d)
+
+
+def record_blocks(model: GPT, args: Hyperparameters) -> None:
+    """Give each block of the stack, by its index in it, the pieces its settings ask for."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]  # stem, core, tail: registration order
+    if args.rope_dims:
+        model.rope_dims = args.rope_dims
+    for i, block in enumerate(blocks):
+        block.norm_scale = 1.0 / math.sqrt(i + 1) if args.ln_scale else 1.0
+        block.parallel = 0 <= args.parallel_residual_start <= i
+        for attn in block.attns:
+            attn.xsa = i >= len(blocks) - args.xsa_last_n
+        if args.mlp_negative_slope:
+            block.mlp.act = functools.partial(leaky_relu_squared, negative_slope=args.mlp_negative_slope)
+    if args.ortho_init:
+        for m in model.modules():
+            if isinstance(m, CastedLinear) and not getattr(m, "_zero_init", False) and min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight)
+# <<< record_block
 
 
 # >>> ema: an exponential moving average of the weights, exported instead of them

@@ -22,6 +22,10 @@ FEATURES = {
     "unet": dict(UNET_SKIPS="1", UNET_WEIGHTS="2", NUM_LAYER_SCHEDULE="0:2,4:4"),
     "hash": dict(BIGRAM_TABLE_SIZE="64", TRIGRAM_TABLE_SIZE="32"),
     "stem_tail": dict(NUM_STEM_BLOCKS="1", NUM_TAIL_BLOCKS="1", NUM_LAYER_SCHEDULE="0:1,4:2"),
+    "looped_record": dict(NUM_STEM_BLOCKS="1", NUM_CORE_BLOCKS="2", NUM_TAIL_BLOCKS="1", PER_LAYER_CONTROLS="0",
+                          NUM_LAYER_SCHEDULE="0:1,0.5:2", UNET_SKIPS="1", UNET_GATES="1", ATTN_PER_BLOCK="1",
+                          MLP_LAYERS="2", NORM_BIAS="0", TIE_EMBEDDINGS="1", MLP_NEGATIVE_SLOPE="0.5", ROPE_DIMS="4",
+                          LN_SCALE="1", XSA_LAST_N="3", PARALLEL_RESIDUAL_START="2", ORTHO_INIT="1"),
 }
 
 

@@ -313,6 +313,9 @@ def test_the_looped_record_config_builds_the_records_parameter_count_and_order()
         # Every pass of a block uses the block's own control row.
         assert [layer.row for layer in stage.plan] == order
     assert model.controls.rows == 11 and model.skip_weights.shape == model.skip_gates.shape == (8, 512)
+    blocks = [m for m in model.modules() if isinstance(m, train_gpt.Block)]
+    assert len(blocks) == 11 and [b.parallel for b in blocks] == [False] * 7 + [True] * 4
+    assert all(b.attns[0].xsa for b in blocks) and model.rope_dims == 16
 
 
 def test_a_core_group_runs_its_blocks_in_order_in_every_pass():

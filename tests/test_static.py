@@ -28,6 +28,7 @@ WORDS = {
     "hash_embed": r"hash n-gram|hash_embed|n-gram|bigram|trigram",
     "input_checks": r"input_checks|look-alike",
     "mod": r"Mixture-of-Depths|\brout(ed|er|ing)\b|\bMoD\b",
+    "record_block": r"record_block|\bXSA\b|[Ll]eaky|ROPE_DIMS|LN_SCALE|PARALLEL_RESIDUAL|ORTHO_INIT|GPT-J",
     "seed_lora": r"Seed-LoRA|seed_lora|regenerat",
     "size_guard": r"size_guard|size estimate",
     "ttt": r"\bTTT|test-time|ttt_|add_lora|adapters=",
@@ -73,7 +74,7 @@ def findings(text: str, keep: list[str]) -> list[str]:
         if system in keep:
             continue
         for i, line in enumerate(text.splitlines(), 1):
-            if re.search(WORDS[system], line, re.IGNORECASE if system not in ("deq", "ttt", "ema") else 0):
+            if re.search(WORDS[system], line, re.IGNORECASE if system not in ("deq", "ttt", "ema", "record_block") else 0):
                 out.append(f"line {i}: names {system}, which is not kept: {line.strip()[:90]}")
     return out
 
