@@ -326,6 +326,10 @@ class Muon(torch.optim.Optimizer):
                 if i % world_size == rank and p.grad is not None:
                     buf = self.state[p]["momentum_buffer"]
                     g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    # >>> record_optim
+                    if group.get("row_normalize"):  # MuonEq-R: every row of the update at unit norm first
+                        g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
+                    # <<< record_optim
                     g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
                     g *= max(1, g.size(0) / g.size(1)) ** 0.5  # scale correction from the Muon reference
                     updates[offset : offset + p.numel()] = g.reshape(-1)
@@ -1330,6 +1334,11 @@ def build_optimizers(model: GPT, args: Hyperparameters) -> list[torch.optim.Opti
                               lr=args.scalar_lr, **adam))
     muon = Muon(roles["matrix"], lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps)
     muon.param_groups[0]["base_lr"] = args.matrix_lr
+    # >>> record_optim
+    muon.param_groups[0].update(row_normalize=args.muon_row_normalize, decay=args.muon_wd)
+    optimizers[0].param_groups[0]["decay"] = args.embed_wd
+    optimizers[-1].param_groups[0]["decay"] = args.adam_wd
+    # <<< record_optim
     return [muon] + optimizers
 
 
@@ -1447,7 +1456,7 @@ def lr_multiplier(args: Hyperparameters, clock: TrainClock, step: int) -> float:
     else:
         mul = min(max(clock.cap_ms - clock.estimate_ms(step), 0.0) / (args.warmdown_iters * clock.step_ms), 1.0)
     # >>> warmdown_steps
-    mul = step_warmdown_mul(args, step, mul)
+    mul = step_warmdown_mul(args, clock, step, mul)
     # <<< warmdown_steps
     return mul
 
@@ -1456,7 +1465,7 @@ def describe_lr_schedule(args: Hyperparameters, capped: bool) -> str:
     shape = "constant" if args.warmdown_iters <= 0 else \
         f"{'wallclock' if capped else 'steps'} warmdown_iters:{args.warmdown_iters}"
     # >>> warmdown_steps
-    shape = describe_step_warmdown(args, shape)
+    shape = describe_step_warmdown(args, shape, capped)
     # <<< warmdown_steps
     return f"lr_schedule:{shape}"
 
@@ -1882,6 +1891,9 @@ class Trainer:
                                                     lambda: self.loader.next_batch(local_tokens, args.train_seq_len))
         if args.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(run.base_model.parameters(), args.grad_clip_norm)
+        # >>> record_optim
+        decay_weights(self.optimizers)
+        # <<< record_optim
         for opt in self.optimizers:
             opt.step()
         for opt in self.optimizers:
@@ -2081,11 +2093,12 @@ def unet_plan(args: Hyperparameters, plan: list[Layer]) -> list[Layer]:
 # <<< unet
 
 
-# >>> warmdown_steps: a step-based warmdown (PR #470) and a floor under the LR
+# >>> warmdown_steps: a step-based warmdown (PR #470), the records' warmdown by fraction, and a floor under the LR
 def warmdown_steps_settings(h: Hyperparameters) -> None:
-    # Linear from WARMDOWN_START_STEP, or from the last WARMDOWN_FRAC of ITERATIONS, to 0 at
-    # ITERATIONS, independent of the wallclock; either replaces WARMDOWN_ITERS. MIN_LR_FRAC floors
-    # the LR multiplier of any schedule.
+    # Linear to 0 at the end of training from WARMDOWN_START_STEP, independent of the wallclock, or
+    # over the last WARMDOWN_FRAC of training: of the wallclock cap when there is one (the records'
+    # 0.72), else of ITERATIONS. Either replaces WARMDOWN_ITERS. MIN_LR_FRAC floors the LR
+    # multiplier of any schedule.
     h.warmdown_start_step = h._get("WARMDOWN_START_STEP", 0, "[0,)")
     h.warmdown_frac = h._get("WARMDOWN_FRAC", 0.0, "[0,1)")
     h.min_lr_frac = h._get("MIN_LR_FRAC", 0.0, "[0,1)")
@@ -2105,17 +2118,23 @@ def step_warmdown_start(args: Hyperparameters) -> int | None:
     return int(args.iterations * (1.0 - args.warmdown_frac)) if args.warmdown_frac else None
 
 
-def step_warmdown_mul(args: Hyperparameters, step: int, mul: float) -> float:
-    """The LR multiplier: the step-based warmdown's instead of `mul` when set, floored at MIN_LR_FRAC."""
+def step_warmdown_mul(args: Hyperparameters, clock: TrainClock, step: int, mul: float) -> float:
+    """The LR multiplier: this system's warmdown's instead of `mul` when set, floored at MIN_LR_FRAC."""
     start = step_warmdown_start(args)
-    if start is not None:
+    if args.warmdown_frac and clock.cap_ms is not None:  # by the clock's estimate, agreed by all ranks
+        mul = min(max((1.0 - clock.progress(step, args.iterations)) / args.warmdown_frac, 0.0), 1.0)
+    elif start is not None:
         mul = min(max((args.iterations - step) / (args.iterations - start), 0.0), 1.0)
     return max(mul, args.min_lr_frac)
 
 
-def describe_step_warmdown(args: Hyperparameters, shape: str) -> str:
+def describe_step_warmdown(args: Hyperparameters, shape: str, capped: bool) -> str:
     start = step_warmdown_start(args)
-    return (shape if start is None else f"steps warmdown:{start}->{args.iterations}") + f" min_lr_frac:{args.min_lr_frac}"
+    if args.warmdown_frac and capped:
+        shape = f"wallclock warmdown_frac:{args.warmdown_frac}"
+    elif start is not None:
+        shape = f"steps warmdown:{start}->{args.iterations}"
+    return f"{shape} min_lr_frac:{args.min_lr_frac}"
 # <<< warmdown_steps
 
 
@@ -2864,6 +2883,31 @@ def record_blocks(model: GPT, args: Hyperparameters) -> None:
             if isinstance(m, CastedLinear) and not getattr(m, "_zero_init", False) and min(m.weight.shape) >= 64:
                 nn.init.orthogonal_(m.weight)
 # <<< record_block
+
+
+# >>> record_optim: the records' optimizer pieces: MuonEq-R and decoupled weight decay
+def record_optim_settings(h: Hyperparameters) -> None:
+    # MUON_ROW_NORMALIZE=1 scales every row of a matrix's update to unit norm before Muon
+    # orthogonalizes it (MuonEq-R). Weight decay, decoupled as AdamW's (w <- w (1 - lr wd) before
+    # each update, every tensor of the group, used by the plan or not): MUON_WD on the matrices,
+    # EMBED_WD on the token embedding, ADAM_WD on the controls; the records' 0.095, 0.085, 0.02.
+    h.muon_row_normalize = h._get("MUON_ROW_NORMALIZE", False)
+    h.muon_wd = h._get("MUON_WD", 0.0, "[0,1)")
+    h.embed_wd = h._get("EMBED_WD", 0.0, "[0,1)")
+    h.adam_wd = h._get("ADAM_WD", 0.0, "[0,1)")
+
+
+EXTENSION_SETTINGS.append(record_optim_settings)
+
+
+@torch.no_grad()
+def decay_weights(optimizers: list[torch.optim.Optimizer]) -> None:
+    """Each group with a weight decay: its tensors times (1 - lr * decay), at the step's lr."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if group.get("decay"):
+                torch._foreach_mul_(group["params"], 1.0 - group["lr"] * group["decay"])
+# <<< record_optim
 
 
 # >>> ema: an exponential moving average of the weights, exported instead of them

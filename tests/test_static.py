@@ -29,6 +29,7 @@ WORDS = {
     "input_checks": r"input_checks|look-alike",
     "mod": r"Mixture-of-Depths|\brout(ed|er|ing)\b|\bMoD\b",
     "record_block": r"record_block|\bXSA\b|[Ll]eaky|ROPE_DIMS|LN_SCALE|PARALLEL_RESIDUAL|ORTHO_INIT|GPT-J",
+    "record_optim": r"record_optim|MuonEq|row_normalize|decay_weights|weight decay",
     "seed_lora": r"Seed-LoRA|seed_lora|regenerat",
     "size_guard": r"size_guard|size estimate",
     "ttt": r"\bTTT|test-time|ttt_|add_lora|adapters=",
