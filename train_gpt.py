@@ -31,7 +31,9 @@ import io
 # >>> seed_lora
 import itertools
 # <<< seed_lora
+# >>> compressors
 import lzma
+# <<< compressors
 import math
 import os
 import random
@@ -70,7 +72,6 @@ EXTENSION_SETTINGS: list[Callable[[Hyperparameters], None]] = []
 # Settings a run may change when it continues another: names, and what only evaluation and logging read.
 RESUMABLE_SETTINGS = {"run_id", "val_loss_every", "train_log_every", "val_batch_size", "eval_seq_len", "eval_stride",
                       "eval_batch_seqs"}
-COMPRESSORS = ("zlib", "zstd", "lzma")  # COMPRESSOR's choices (see compress)
 CODE_BITS = (4, 5, 6, 7, 8)  # the code widths of the export's grid
 
 
@@ -228,11 +229,6 @@ class Hyperparameters:
                            "on CUDA, needs a multiple of 8 of at most 256")
         if self.eval_stride > self.eval_seq_len:
             raise RunError(f"EVAL_STRIDE={self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}: tokens would go unscored")
-        if self.compressor == "zstd":
-            try:
-                import zstandard  # noqa: F401
-            except ImportError:
-                raise RunError("COMPRESSOR=zstd needs the zstandard package: pip install zstandard") from None
         if 8 % world_size and world_size % 8:
             raise RunError(f"WORLD_SIZE={world_size} must divide 8 or be a multiple of 8")
         per_micro_step = world_size * grad_accum_steps(world_size) * self.train_seq_len
@@ -1106,21 +1102,25 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         os.close(folder)
 
 
-def compress(data: bytes, compressor: str) -> bytes:
-    if compressor == "zstd":
-        import zstandard
-        return zstandard.ZstdCompressor(level=22).compress(data)
-    if compressor == "lzma":
-        return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
-    return zlib.compress(data, level=9)
+class Compressor(NamedTuple):
+    magic: bytes  # how its streams start: loading tells the compressor by them, so it needs no settings
+    compress: Callable[[bytes], bytes]
+    decompressor: Callable[[], object]  # a new streaming decompressor: .decompress(chunk) -> bytes, .eof
+
+
+# COMPRESSOR's choices; an optional system adds its own.
+COMPRESSORS = {"zlib": Compressor(b"\x78", lambda data: zlib.compress(data, level=9), zlib.decompressobj)}
+
+
+def compressor_of(data: bytes) -> Compressor:
+    for c in COMPRESSORS.values():
+        if data.startswith(c.magic):
+            return c
+    raise RunError(f"a stream of none of the compressors {', '.join(COMPRESSORS)}")
 
 
 def decompress(data: bytes) -> bytes:
-    """The compressor is told by its magic bytes, so loading needs no settings."""
-    if data.startswith(b"\x28\xb5\x2f\xfd"):
-        import zstandard
-        return zstandard.ZstdDecompressor().decompress(data)
-    return (lzma if data.startswith(b"\xfd7zXZ\x00") else zlib).decompress(data)
+    return compressor_of(data).decompressor().decompress(data)
 
 
 def width_name(args: Hyperparameters) -> str:
@@ -1136,7 +1136,7 @@ def serialize_artifact(state: dict[str, Tensor], args: Hyperparameters,
                        given_codes: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> bytes:
     buf = io.BytesIO()
     torch.save(quantize_state_dict(state, args, given_codes), buf)
-    return compress(buf.getvalue(), args.compressor)
+    return COMPRESSORS[args.compressor].compress(buf.getvalue())
 
 
 def load_artifact(path: str | Path, data: bytes | None = None) -> dict[str, Tensor]:
@@ -2910,6 +2910,46 @@ def decay_weights(optimizers: list[torch.optim.Optimizer]) -> None:
 # <<< record_optim
 
 
+# >>> compressors: zstd (level 22), lzma (preset 9e) and brotli (quality 11), beside the core's zlib
+def compressors_settings(h: Hyperparameters) -> None:
+    # COMPRESSOR=zstd needs the zstandard package, brotli the brotli package: checked before any work.
+    needs = {"zstd": "zstandard", "brotli": "brotli"}.get(h.compressor)
+    if needs:
+        try:
+            __import__(needs)
+        except ImportError:
+            raise RunError(f"COMPRESSOR={h.compressor} needs the {needs} package: pip install {needs}") from None
+
+
+EXTENSION_SETTINGS.append(compressors_settings)
+BROTLI_MAGIC = b"BRO1"  # brotli streams have no magic bytes of their own: the artifact's first four are these
+
+
+class BrotliStream:
+    """brotli's streaming decompressor behind zlib's interface, past BROTLI_MAGIC."""
+
+    def __init__(self):
+        import brotli
+        self.d, self.skip = brotli.Decompressor(), len(BROTLI_MAGIC)
+
+    def decompress(self, data: bytes) -> bytes:
+        data, self.skip = data[self.skip :], max(self.skip - len(data), 0)
+        return self.d.process(data)
+
+    @property
+    def eof(self) -> bool:
+        return self.d.is_finished()
+
+
+COMPRESSORS["zstd"] = Compressor(b"\x28\xb5\x2f\xfd", lambda data: __import__("zstandard").ZstdCompressor(level=22).compress(data),
+                                 lambda: __import__("zstandard").ZstdDecompressor().decompressobj())
+COMPRESSORS["lzma"] = Compressor(b"\xfd7zXZ\x00", lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME),
+                                 lzma.LZMADecompressor)
+COMPRESSORS["brotli"] = Compressor(BROTLI_MAGIC, lambda data: BROTLI_MAGIC + __import__("brotli").compress(data, quality=11),
+                                   BrotliStream)
+# <<< compressors
+
+
 # >>> ema: an exponential moving average of the weights, exported instead of them
 def ema_settings(h: Hyperparameters) -> None:
     h.ema_decay = h._get("EMA_DECAY", 0.0, "[0,1)")  # 0 = off
@@ -3170,7 +3210,8 @@ def estimate_artifact_bytes(state: dict[str, Tensor], args: Hyperparameters) -> 
             continue
         if spec not in bits_per_code:
             codes, _ = quantize_rows(gaussian, spec[0], row_clip(gaussian, spec[1]))
-            bits_per_code[spec] = 8 * len(compress(codes.to(torch.int8).numpy().tobytes(), args.compressor)) / gaussian.numel()
+            packed = COMPRESSORS[args.compressor].compress(codes.to(torch.int8).numpy().tobytes())
+            bits_per_code[spec] = 8 * len(packed) / gaussian.numel()
         total += t.numel() * bits_per_code[spec] / 8 + 2 * t.numel() // t.size(-1)  # codes + fp16 steps
     return int(total)
 
@@ -3283,13 +3324,8 @@ def check_stream(path: str | Path, data: bytes | None, limit: int) -> None:
     if data is None and os.path.getsize(path) > limit:
         raise RunError(f"{os.path.getsize(path)} bytes is no artifact")
     data = Path(path).read_bytes() if data is None else data
-    if data.startswith(b"\x28\xb5\x2f\xfd"):
-        import zstandard
-        d = zstandard.ZstdDecompressor().decompressobj()
-    else:
-        d = lzma.LZMADecompressor() if data.startswith(b"\xfd7zXZ\x00") else zlib.decompressobj()
-    size = 0
-    for i in range(0, len(data), 1024):  # 1 KiB of input makes at most 32 MiB of output
+    d, size = compressor_of(data).decompressor(), 0
+    for i in range(0, len(data), 1024):  # 1 KiB of input makes at most tens of MiB of output
         size += len(d.decompress(data[i : i + 1024]))
         if size > limit:
             raise RunError(f"decompresses to more than {limit} bytes")

@@ -64,7 +64,7 @@ def without_byte_planes(state: dict, args, rounded) -> int:
     obj["passthrough"], obj["steps"] = plain(obj["passthrough"]), {k: train_gpt.from_byte_planes(t) for k, t in obj["steps"].items()}
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return len(train_gpt.compress(buf.getvalue(), args.compressor))
+    return len(train_gpt.COMPRESSORS[args.compressor].compress(buf.getvalue()))
 
 
 def measure(path: str, formats: list[str]) -> dict[str, tuple[int, float]]:

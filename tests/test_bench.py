@@ -1,6 +1,7 @@
 """bench/: gpu_check.py's CPU smoke run of the record check prints the GPU run's columns (compiled
 with the real Inductor backend at both depths, without a recompile), its judgments of logs, a
-broken check failing by name; golf.py warns about a look-alike setting before running."""
+broken check failing by name; golf.py warns about a look-alike setting before running; record_parity.py
+decodes the record's packed script and refuses one its CPU edits do not fit."""
 from __future__ import annotations
 
 import os
@@ -133,3 +134,25 @@ def test_golf_warns_about_a_lookalike_before_running(tmp_path, capsys):
         golf.main(["--config", "typo NUM_LAYERS_SCHEDULE=0:9", "--out", str(tmp_path / "out"), "--script", str(script)])
     assert "typo: WARNING: NUM_LAYERS_SCHEDULE is not a setting of this script and is ignored " \
            "(closest: NUM_LAYER_SCHEDULE)" in capsys.readouterr().out
+
+
+def test_record_parity_decodes_a_packed_script_and_refuses_one_its_edits_do_not_fit(tmp_path):
+    import base64
+    import lzma
+
+    import record_parity
+    source = ("import torch\ndef main():\n    if not torch.cuda.is_available():raise RuntimeError('CUDA is required')\n"
+              "    device=torch.device('cuda',local_rank)\n    model=GPT(h).to(device).bfloat16()\n"
+              "    return torch.device('cuda', h.local_rank)\n")
+    raw = lzma.compress(source.encode(), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+    packed = tmp_path / "train_gpt.py"
+    packed.write_text(f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("{base64.b85encode(raw).decode()}"),'
+                      'format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n')
+    assert record_parity.decode(packed) == source
+    cpu = record_parity.for_cpu(source)
+    body = cpu[len(record_parity.PRELUDE):]
+    assert "'cuda'" not in body and "bfloat16" not in body and "is_available" not in body
+    assert body.count("torch.device('cpu')") == 2 and "if False:" in body
+    compile(cpu, "record_cpu.py", "exec")
+    with pytest.raises(SystemExit, match="no match for fp32 weights"):
+        record_parity.for_cpu(source.replace(".bfloat16()", ""))

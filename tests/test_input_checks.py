@@ -179,10 +179,10 @@ def test_old_torch_is_refused_in_one_line_before_any_work(tmp_path, dataset):
 
 @pytest.mark.parametrize("compressor", train_gpt.COMPRESSORS)
 def test_a_stream_is_checked_bounded_and_complete_before_it_is_inflated(compressor):
-    bomb = train_gpt.compress(bytes(64 << 20), compressor)  # 64 MiB of zeros in a few KB
+    bomb = train_gpt.COMPRESSORS[compressor].compress(bytes(64 << 20))  # 64 MiB of zeros in a few KB
     with pytest.raises(train_gpt.RunError, match="more than 1048576 bytes"):
         train_gpt.check_stream("x", bomb, limit=1 << 20)
-    packed = train_gpt.compress(os.urandom(4096), compressor)
+    packed = train_gpt.COMPRESSORS[compressor].compress(os.urandom(4096))
     train_gpt.check_stream("x", packed, 1 << 20)
     with pytest.raises(train_gpt.RunError, match="truncated"):
         train_gpt.check_stream("x", packed[: len(packed) // 2], 1 << 20)

@@ -22,6 +22,7 @@ SYSTEMS = sorted(set(submission.OPENING.findall((REPO / "train_gpt.py").read_tex
 # Words that name a system; the core kept without it must not use them (comments included).
 WORDS = {
     "checkpoints": r"checkpoint|resumed?\b(?!\()",
+    "compressors": r"zstd|zstandard|lzma|brotli",
     "deq": r"\bDEQ|fixed.point|Anderson|\bsolve\b",
     "ema": r"\bEMA\b|moving average",
     "gptq": r"GPTQ|Hessian",
