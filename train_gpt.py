@@ -2432,8 +2432,9 @@ def ttt_settings(h: Hyperparameters) -> None:
     # or every weight with SGD (full). TTT_RESET=doc: each document starts from the artifact again,
     # TTT_BATCH_DOCS side by side, in 256-token chunks (the LoRA TTT record's); none: one set of
     # weights adapts over the whole stream (full's default), in 32,768-token chunks (PR #549's).
-    # TTT's score replaces the sliding-window one, which is skipped unless TTT_SLIDING_SCORE=1 (to
-    # measure TTT's gain).
+    # TTT_COSINE=1 decays the LR from TTT_LR to 0 over a group's chunks by a cosine (the looped
+    # records' SGD TTT: full, TTT_LR=0.005, TTT_STEPS=3). TTT's score replaces the sliding-window
+    # one, which is skipped unless TTT_SLIDING_SCORE=1 (to measure TTT's gain).
     h.ttt_enabled = h._get("TTT_ENABLED", False)
     h.ttt_mode = h._get("TTT_MODE", "lora")
     check_choice("TTT_MODE", h.ttt_mode, ("lora", "full"))
@@ -2442,6 +2443,7 @@ def ttt_settings(h: Hyperparameters) -> None:
     h.ttt_rank = h._get("TTT_RANK", 8, "[1,)")
     h.ttt_lr = h._get("TTT_LR", 0.01, "[0,)")
     h.ttt_steps = h._get("TTT_STEPS", 1, "[1,)")
+    h.ttt_cosine = h._get("TTT_COSINE", False)
     h.ttt_chunk_tokens = h._get("TTT_CHUNK_TOKENS", 32_768 if h.ttt_reset == "none" else 256, "[1,)")
     h.ttt_batch_docs = h._get("TTT_BATCH_DOCS", 64, "[1,)")
     h.ttt_sliding_score = h._get("TTT_SLIDING_SCORE", False)
@@ -2648,6 +2650,7 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, plan: tup
             params = list(lora.parameters())
             opt = torch.optim.Adam(params, lr=args.ttt_lr, betas=(args.beta1, args.beta2), eps=TTT_ADAM_EPS)
         mode_of = (lambda _rows: Mode()) if lora is None else lora.mode
+        chunks = (max(s1 - s0 for s0, s1 in group) - 1) // args.ttt_chunk_tokens + 1
         for c, (score_rows, train_rows) in enumerate(ttt_steps(group, args)):
             sums += eval_windows(model, tokens, share(score_rows), plan, luts, seq_len=seq_len, batch=score_batch,
                                  mode_of=mode_of, per_position=positions)[0]
@@ -2656,6 +2659,8 @@ def eval_ttt(model: nn.Module, base_model: GPT, args: Hyperparameters, plan: tup
                 continue
             lane_counts = np.bincount(train_rows[:, 3], train_rows[:, 2] - train_rows[:, 1], minlength=len(group))
             lane_counts = torch.from_numpy(lane_counts).float().to(device).clamp_min(1.0)
+            if args.ttt_cosine:
+                opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / max(chunks - 1, 1)))
             for _ in range(args.ttt_steps):
                 ttt_train_step(model, params, tokens, share(train_rows), lane_counts, plan, seq_len=seq_len,
                                batch=train_batch, mode_of=mode_of, shared=shared)

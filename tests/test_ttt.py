@@ -4,6 +4,7 @@ compiles before the clock."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -24,7 +25,9 @@ def ttt(model, tokens, luts, **env):
 
 
 TTT_MODES = {"lora-doc": {}, "lora-stream": {"TTT_RESET": "none"},
-             "full-stream": {"TTT_MODE": "full", "TTT_RESET": "none", "TTT_LR": "0.01"}}
+             "full-stream": {"TTT_MODE": "full", "TTT_RESET": "none", "TTT_LR": "0.01"},
+             # the looped records' SGD TTT: 3 steps per chunk, the LR decayed by a cosine over the chunks
+             "sgd-cosine": {"TTT_MODE": "full", "TTT_RESET": "none", "TTT_LR": "0.01", "TTT_STEPS": "3", "TTT_COSINE": "1"}}
 
 
 def test_one_stream_of_ttt_takes_record_chunks_by_default_and_refuses_a_chunk_under_a_window():
@@ -92,6 +95,16 @@ def test_ttt_learns_from_scored_chunks(luts, mode):
         a, b = ttt(model, tokens, luts, **env)[2], ttt(model, changed, luts, **env)[2]
         assert torch.equal(a[:129], b[:129])
         assert torch.equal(a[192:256], b[192:256]) != learns, (mode, lr)
+
+
+def test_cosine_ttt_decays_the_lr_over_the_chunks_it_trains_on(luts, monkeypatch):
+    lrs = []
+    step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda opt, *a: lrs.append(opt.param_groups[0]["lr"]) or step(opt, *a))
+    ttt(tiny_model(randomize=True), stream(700), luts, **TTT_MODES["sgd-cosine"])
+    chunks = (700 - 1) // 64 + 1  # the last chunk is scored, never trained on
+    assert lrs == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * c / (chunks - 1))) for c in range(chunks - 1)
+                                 for _ in range(3)])
 
 
 def test_ttt_without_learning_is_the_sliding_evaluation(luts):
