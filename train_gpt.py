@@ -859,6 +859,9 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(layers // 2, args.model_dim)) if args.unet_gates else None
         # <<< unet
         self.rope_dims = args.model_dim // args.num_heads
+        # >>> gptq
+        self.head_input_hook: Callable[[Tensor], None] | None = None
+        # <<< gptq
         self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, args.vocab_size, "head")
         if self.lm_head is not None:
             self.lm_head._zero_init = True
@@ -948,6 +951,10 @@ class GPT(nn.Module):
                 skips.append(x)
             # <<< unet
         x = rms_norm(x)
+        # >>> gptq
+        if self.head_input_hook is not None:  # GPTQ's calibration of a tied embedding, as the head
+            self.head_input_hook(x)
+        # <<< gptq
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         # >>> ttt
         logits = add_lora(logits, x, mode, "head")
@@ -2701,8 +2708,9 @@ def gptq_settings(h: Hyperparameters) -> None:
     # not yet rounded through the Cholesky factor of the inverse Hessian (GPTQ_DAMP times its mean
     # diagonal added), GPTQ_BLOCK columns at a time. The Hessians are those of the matrices' inputs on
     # GPTQ_CALIB_SEQS sequences from the start of the training shards (never validation tokens) at
-    # the final depth: the shared block's matrices sum the inputs of every pass. It is training
-    # time: a capped run stops GPTQ_RESERVE_SECONDS early for it, and its time is added.
+    # the final depth: the shared block's matrices sum the inputs of every pass. A tied embedding
+    # is rounded as the head it is, on the head's inputs (GPTQ_EMBEDDING=1, the looped records').
+    # It is training time: a capped run stops GPTQ_RESERVE_SECONDS early for it, and its time is added.
     h.quant_method = h._get("QUANT_METHOD", "rtn")
     check_choice("QUANT_METHOD", h.quant_method, ("rtn", "gptq"))
     h.gptq_calib_seqs = h._get("GPTQ_CALIB_SEQS", 64, "[1,)")
@@ -2711,6 +2719,7 @@ def gptq_settings(h: Hyperparameters) -> None:
     h.gptq_act_order = h._get("GPTQ_ACT_ORDER", True)
     h.gptq_clip_factors = h._get("GPTQ_CLIP_FACTORS", "1")
     h.gptq_reserve_seconds = h._get("GPTQ_RESERVE_SECONDS", 12.0, "[0,)")
+    h.gptq_embedding = h._get("GPTQ_EMBEDDING", True)
     try:
         factors = clip_factors(h)
     except ValueError:
@@ -2731,19 +2740,22 @@ def clip_factors(args: Hyperparameters) -> list[float]:
 
 def gptq_hessians(model: GPT, args: Hyperparameters, train_files: list[Path], plan: tuple[Layer, ...],
                   device: torch.device) -> dict[str, Tensor]:
-    """X^T X of the inputs of every linear the export quantizes, by weight name, summed over the
-    calibration tokens and over every call: a block the plan runs n times sees n passes."""
+    """X^T X of the inputs of every linear the export quantizes (and of the head's, for a tied
+    embedding), by weight name, summed over the calibration tokens and over every call: a block
+    the plan runs n times sees n passes."""
     hessians: dict[str, Tensor] = {}
 
     def accumulate(name: str) -> Callable:
-        def hook(_module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
+        def add(inputs: Tensor) -> None:
+            x = inputs.detach().reshape(-1, inputs.size(-1)).float()
             with torch.autocast(x.device.type, enabled=False):  # the forward's bf16 autocast would round the sum
                 hessians[name] = x.T @ x if name not in hessians else hessians[name].addmm_(x.T, x)
-        return hook
+        return lambda _module, inputs, _output: add(inputs[0])
 
     hooks = [module.register_forward_hook(accumulate(f"{name}.weight")) for name, module in model.named_modules()
              if isinstance(module, CastedLinear) and export_spec(f"{name}.weight", module.weight, args)]
+    if model.lm_head is None and args.gptq_embedding and export_spec("tok_emb.weight", model.tok_emb.weight, args):
+        model.head_input_hook = lambda x: accumulate("tok_emb.weight")(None, (x,), None)
     seq_len, batch = args.train_seq_len, max(1, 2 ** 16 // args.train_seq_len)
     tokens = first_tokens(train_files, args.gptq_calib_seqs * seq_len + 1).to(device=device, dtype=torch.int64)
     x, y = tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
@@ -2754,6 +2766,7 @@ def gptq_hessians(model: GPT, args: Hyperparameters, train_files: list[Path], pl
     finally:
         for hook in hooks:
             hook.remove()
+        model.head_input_hook = None
     return hessians
 
 

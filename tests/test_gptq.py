@@ -71,6 +71,36 @@ def test_the_shared_blocks_hessian_sums_the_inputs_of_every_pass(dataset, monkey
     assert "tok_emb.weight" not in hessians and "lm_head.weight" in hessians
 
 
+def test_a_tied_embedding_is_rounded_as_the_head_on_the_heads_inputs(dataset, monkeypatch):
+    monkeypatch.setattr(train_gpt, "KEEP_FLOAT_MAX_NUMEL", 0)  # the tiny embedding is exported as codes
+    model = tiny_model(randomize=True, TIE_EMBEDDINGS="1", EMBED_CLIP_SIGMAS="20", NUM_LAYER_SCHEDULE="0:2",
+                       GPTQ_CALIB_SEQS="4")
+    heads_inputs = []
+    files = sorted(Path(dataset["DATA_PATH"]).glob("fineweb_train_*.bin"))
+    layers = train_gpt.layer_plan(model.args, 2)
+    hessians = train_gpt.gptq_hessians(model, model.args, files, layers, torch.device("cpu"))
+    # The head's inputs: the final normed hidden state, as the same tokens give it.
+    tokens = train_gpt.first_tokens(files, 4 * model.args.train_seq_len + 1)
+    x, y = tokens[:-1].view(4, -1), tokens[1:].view(4, -1)
+    model.head_input_hook = heads_inputs.append
+    with torch.no_grad():
+        model(x, y, layers)
+    model.head_input_hook = None
+    h = torch.cat([i.reshape(-1, i.size(-1)) for i in heads_inputs])
+    assert torch.allclose(hessians["tok_emb.weight"], h.T @ h, rtol=1e-4, atol=1e-3)
+    rounded = train_gpt.gptq_round(model.state_dict(), hessians, model.args)
+    codes, step = rounded["tok_emb.weight"]
+    emb = model.tok_emb.weight.detach()
+    assert codes.shape == emb.shape and codes.abs().max() <= 127  # EMBED_BITS=8
+    assert torch.allclose(step.float(), (20 * emb.std(dim=1) / 127).half().float())  # SDClip 20: the grid of the export
+    rtn = train_gpt.quantize_rows(emb, 8, train_gpt.row_clip(emb, 20.0))[0]
+    out_err = lambda c: (h @ (c * step.float()[:, None] - emb).T).square().sum()
+    assert out_err(codes.float()) < out_err(rtn)  # less error on the logits than rounding to nearest
+    off = tiny_model(TIE_EMBEDDINGS="1", NUM_LAYER_SCHEDULE="0:2", GPTQ_CALIB_SEQS="4", GPTQ_EMBEDDING="0")
+    assert "tok_emb.weight" not in train_gpt.gptq_hessians(off, off.args, files, layers, torch.device("cpu"))
+    assert model.head_input_hook is None
+
+
 def test_gptq_settings_are_checked():
     for env, match in (({"GPTQ_CLIP_FACTORS": "1,x"}, "GPTQ_CLIP_FACTORS"), ({"GPTQ_CLIP_FACTORS": "1.2"}, "GPTQ_CLIP_FACTORS"),
                        ({"QUANT_METHOD": "gptq", "MAX_WALLCLOCK_SECONDS": "10"}, "GPTQ_RESERVE_SECONDS=12.0"),
