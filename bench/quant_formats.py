@@ -51,6 +51,10 @@ FORMATS = {
                                  "EMBED_CLIP_SIGMAS": "20"},
     "int6+zstd sdclip12.85/20 gptq": {"QUANT_BITS": "6", "COMPRESSOR": "zstd", "MATRIX_CLIP_SIGMAS": "12.85",
                                       "EMBED_CLIP_SIGMAS": "20", **GPTQ},
+    "int6+brotli sdclip12.85/20 gptq": {"QUANT_BITS": "6", "COMPRESSOR": "brotli", "MATRIX_CLIP_SIGMAS": "12.85",
+                                        "EMBED_CLIP_SIGMAS": "20", **GPTQ},
+    "int6+lzma sdclip12.85/20 gptq": {"QUANT_BITS": "6", "COMPRESSOR": "lzma", "MATRIX_CLIP_SIGMAS": "12.85",
+                                      "EMBED_CLIP_SIGMAS": "20", **GPTQ},
     "int6+zstd embed16": {"QUANT_BITS": "6", "COMPRESSOR": "zstd", "EMBED_BITS": "16"},
     "int6+zstd embed7 head6 gptq": {"QUANT_BITS": "6", "COMPRESSOR": "zstd", "EMBED_BITS": "7", "HEAD_BITS": "6", **GPTQ},
 }

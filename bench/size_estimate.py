@@ -36,12 +36,21 @@ PUBLISHED = (
       (("train", 15_820_684), ("seed1338", 15_835_395), ("seed1339", 15_839_491))),
     *((f"LoRA_TTT {log}", PLAIN, size) for log, size in (("v0", 15_814_468), ("v2", 15_807_986), ("v3", 15_823_937))),
     ("FP16Embed_WD3600", {**PLAIN, "MLP_MULT": "1.9375", "EMBED_BITS": "16"}, 15_848_097),
+    # The looped record (int6 GPTQ matrices, int8 GPTQ embedding, brotli): configs/looped_record.env
+    # with its compressor, "Serialized model quantized+brotli" of its three seeds' logs.
+    *((f"2026-04-09 SP8192_3LayerRecur seed{seed} (int6+brotli)", "looped_record", size) for seed, size in
+      ((42, 15_975_300), (314, 15_976_325), (999, 15_976_638))),
 )
 
 
-def estimate(env: dict[str, str]) -> int:
+def looped_record() -> dict[str, str]:
+    lines = (REPO / "configs" / "looped_record.env").read_text().splitlines()
+    return {**dict(line.split("=", 1) for line in lines if line and not line.startswith("#")), "COMPRESSOR": "brotli"}
+
+
+def estimate(env: dict[str, str] | str) -> int:
     import train_gpt
-    args = train_gpt.Hyperparameters(env)
+    args = train_gpt.Hyperparameters(looped_record() if env == "looped_record" else env)
     args.validate(8)
     return train_gpt.estimate_artifact_bytes(train_gpt.GPT(args).state_dict(), args)
 
