@@ -13,6 +13,9 @@ bf16 autocast), each in its own folder under --work, read back through its log l
   dense bf16 peak (which the table names; --peak-tflops for a device it does not know), the
   phase's peak memory, compiled graphs and recompiles after warmup (which must be 0), and the first
   training losses of the phase.
+- looped: configs/looped_record.env, the 1.0810 looped record's design (11 blocks of 512, blocks 3-5
+  looped), on the data's vocabulary, a few steps with one pass of its core group then with three
+  (the switch at half of ITERATIONS), compiled; rows as the record check's.
 - mod, deq, seed_lora: a few steps of each PR #1783 system at the record width.
 - sliding_eval, ttt_eval: the score-first evaluations of a short run (TTT's graphs are compiled in
   the warmup too: compile_stats, logged after the last evaluation, must count no recompile).
@@ -51,6 +54,7 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), 
                     ("A100", 312.0), ("L40S", 362.1), ("A10G", 70.0))
 RECORD_STEPS = 10  # per depth
 FEATURE_STEPS = 4
+LOOPED_ENV = REPO / "configs" / "looped_record.env"
 
 
 @dataclass
@@ -105,10 +109,15 @@ def plan(smoke: bool) -> list[Check]:
     features = {**base, "NUM_LAYER_SCHEDULE": f"0:{depths[0]}", "ITERATIONS": str(FEATURE_STEPS),
                 **({"TORCH_COMPILE": "0"} if smoke else {})}
     stride = "8" if smoke else "64"
+    looped = {k: v for k, v in (line.split("=", 1) for line in LOOPED_ENV.read_text().splitlines()
+                                 if line and not line.startswith("#")) if k not in ("DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE")}
+    looped.update(base, NUM_LAYER_SCHEDULE="0:1,0.5:3", ITERATIONS=str(2 * steps), EVAL_STRIDE=stride, TORCH_COMPILE="1",
+                  GPTQ_RESERVE_SECONDS="0", TTT_ENABLED="0", **({"ROPE_DIMS": "4", "EVAL_SEQ_LEN": "32"} if smoke else {}))
     return [
         Check("record", {**base, "NUM_LAYER_SCHEDULE": f"0:{depths[0]},{steps}:{depths[1]}", "ITERATIONS": str(2 * steps),
                          "EVAL_STRIDE": stride, "TORCH_COMPILE": "1"},
               (r"^compile_stats unique_graphs:\d+ recompiles_after_warmup:0$", r"^final_sliding_window_exact ")),
+        Check("looped", looped, (r"^compile_stats unique_graphs:\d+ recompiles_after_warmup:0$", r"^layer_plan depth:3 layers:17 ")),
         Check("mod", {**features, "MOD_CAPACITY": "0.125", "MOD_EVERY": "1"}, (r"^mod_routing causal_val_bpb:\S+ topk_val_bpb:\S+ ",)),
         Check("deq", {**features, "DEQ": "1", "DEQ_WARMUP_STEPS": "2", "DEQ_ITERS": "4", "EVAL_DEQ_ITERS": "6"},
               (r"^deq_residual eval_deq_iters:6 residual:[\d.]+$",)),
@@ -167,7 +176,7 @@ def read_rows(check: Check, log: str, peak: float | None) -> list[dict]:
         row = {**common, "check": check.name if check.name != "record" else f"record_d{depth}", "depth": label,
                "ms_step": f"{ms:.1f}", "tokens_s": f"{batch_tokens / ms * 1000:,.0f}", "peak_mib": m.group(4) or "-",
                "losses": ",".join(f"{v:.3f}" for v in first)}
-        if check.name == "record" and ms > 0:
+        if check.name in ("record", "looped") and ms > 0:
             achieved = model_flops_per_token(check.env, depth) * batch_tokens / (ms / 1000)  # env has the data's vocab
             row["tflops"] = f"{achieved / 1e12:.3g}"
             row["mfu"] = f"{100 * achieved / (peak * 1e12):.1f}%" if peak else "-"
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, when the table does not know it")
     parser.add_argument("--work", type=Path, help="keep the runs' folders here (default: a temporary folder)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per check")
-    parser.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (record mod deq seed_lora eval gptq)")
+    parser.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (record looped mod deq seed_lora eval gptq)")
     args = parser.parse_args(argv)
 
     if args.smoke:

@@ -38,7 +38,7 @@ RECORD_ENV = REPO / "configs" / "looped_record.env"
 # the record), sequences of 128, 8,192 tokens per step in 8 micro-batches.
 SIZE = {"MODEL_DIM": "192", "NUM_HEADS": "3", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128",
         "TRAIN_BATCH_TOKENS": "8192", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "2", "TRAIN_LOG_EVERY": "50",
-        "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "64"}
+        "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "64", "EMA_DECAY": "0.9"}  # the record's 0.9965 is a 285-step horizon
 OURS = {"TTT_ENABLED": "0", "VAL_BATCH_SIZE": "65536", "GPTQ_CALIB_SEQS": "16", "GPTQ_RESERVE_SECONDS": "0", "TORCH_COMPILE": "0"}
 THEIRS = {"EMBEDDING_DIM": SIZE["MODEL_DIM"], "VAL_BATCH_TOKENS": "65536", "GPTQ_CALIBRATION_BATCHES": "2", "GPTQ_RESERVE_SECONDS": "0",
           "ROPE_TRAIN_SEQ_LEN": "128", "TTT_ENABLED": "0"}

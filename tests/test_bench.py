@@ -57,6 +57,17 @@ def test_smoke_run_passes_every_check_with_inductor_and_no_recompiles(tmp_path):
     assert re.search(r"^final_sliding_window_exact stride:8 ", log, re.M)
 
 
+@pytest.mark.slow
+def test_the_looped_record_check_compiles_both_depths_with_inductor_and_no_recompiles(tmp_path):
+    result = run(tmp_path, "--only", "looped", env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    looped = rows(result.stdout)["looped"]
+    assert [(r["depth"], r["result"], r["recompiles"]) for r in looped] == [("1", "pass", "0"), ("3", "pass", "0")]
+    log = (tmp_path / "work" / "looped" / "logs" / "looped.txt").read_text()
+    assert "layer_plan depth:1 layers:11 " in log and "layer_plan depth:3 layers:17 " in log
+    assert "device:cpu compile:True" in log
+
+
 def test_a_deq_run_gives_a_row_per_phase_and_the_solve_is_named():
     check = next(c for c in gpu_check.plan(smoke=True) if c.name == "deq")
     log = "".join(f"step:{s}/4 train_loss:{6 - s / 10:.4f} train_time:{s}ms step_avg:1.00ms\n" for s in range(1, 5))
