@@ -12,13 +12,15 @@ for `flash_attn_interface` (SDPA on the same layout) and a few textual edits for
 CUDA, each of which must match (see PATCHES): the device is the CPU, compilation is off, and the
 model runs in fp32 (the record casts it to bf16, which a CPU runs far slower), as does ours here.
 Both sides train ITERATIONS steps with no wallclock cap, so the loop starts and the warmdown runs
-at the same fractions of the run on both (35%, the last 72%). The record samples its training
-sequences at random, ours reads the shards in order: the local corpus is stored in topic order
-(Python's documentation, module by module), which at this length cost ours 0.25 bpb against the
-record (2.396 vs 2.146 at seed 1337), so the training shard's documents are put in a random order
-once (seed 0) for both sides. What still differs by design: the record's compressor (brotli) and
-its random sequence sampling. Runs are kept under --out and reused: an interrupted benchmark
-continues.
+at the same fractions of the run on both (35%, the last 72%). The record draws its training
+sequences at random from the whole set; ours reads the shards in order, and at 8,192 tokens a step
+a step's sequences then come from one or two documents of a corpus stored in topic order. That
+alone cost ours 0.25 bpb against the record at seed 1337 (2.396 vs 2.146; with the documents in a
+random order, still 2.311 vs 2.136). So the training shard is cut into TRAIN_SEQ_LEN-token pieces
+put in a random order once (seed 0), for both sides: reading it in order is drawing sequences at
+random, as the record does (both then see sequences that join two pieces). What still differs:
+the record's compressor (brotli here, ours zstd). Runs are kept under --out and reused: an
+interrupted benchmark continues.
 """
 from __future__ import annotations
 
@@ -37,7 +39,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-BOS_ID = 1  # every document of the challenge's data starts with it
 RECORD_ENV = REPO / "configs" / "looped_record.env"
 # The tiny size both sides run at (each side's names): width 192 (the MLP's matrices are large
 # enough to be quantized, attention's are kept float by both), head dim 64 (RoPE on 16 of 64 as in
@@ -102,28 +103,26 @@ def for_cpu(source: str) -> str:
     return PRELUDE + source
 
 
-def shuffle_documents(path: Path, seed: int = 0) -> None:
-    """Rewrite a shard with its documents (each from its BOS token on) in a random order."""
+def shuffle_pieces(path: Path, piece: int, seed: int = 0) -> None:
+    """Rewrite a shard as its `piece`-token pieces in a random order (a last partial piece dropped)."""
     sys.path.insert(0, str(REPO / "data"))
     from shards import read_shard, write_shard
     tokens = read_shard(path)
-    starts = np.flatnonzero(tokens == BOS_ID).tolist() + [len(tokens)]
-    docs = [tokens[a:b] for a, b in zip(starts[:-1], starts[1:])]
-    order = np.random.default_rng(seed).permutation(len(docs))
-    write_shard(path, np.concatenate([docs[i] for i in order]))
+    pieces = tokens[: len(tokens) // piece * piece].reshape(-1, piece)
+    write_shard(path, pieces[np.random.default_rng(seed).permutation(len(pieces))].reshape(-1))
 
 
 def local_data(out: Path, vocab: int) -> tuple[Path, Path]:
     """A local dataset in the layout both scripts read: DATA_DIR/datasets/fineweb10B_sp{vocab} and
-    DATA_DIR/tokenizers/fineweb_{vocab}_bpe.model, its training documents in a random order."""
+    DATA_DIR/tokenizers/fineweb_{vocab}_bpe.model, its training tokens in shuffled pieces."""
     shards, model = out / "datasets" / f"fineweb10B_sp{vocab}", out / "tokenizers" / f"fineweb_{vocab}_bpe.model"
-    if not (shards / "documents_shuffled").is_file():
+    if not (shards / "pieces_shuffled").is_file():
         model.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, str(REPO / "data" / "build_local_dataset.py"), "--vocab-size", str(vocab),
                         "--output-dir", str(shards), "--tokenizer-out", str(model), "--force"], check=True)
         for path in sorted(shards.glob("fineweb_train_*.bin")):
-            shuffle_documents(path)
-        (shards / "documents_shuffled").write_text("the training shards' documents are in a random order (seed 0)\n")
+            shuffle_pieces(path, int(SIZE["TRAIN_SEQ_LEN"]))
+        (shards / "pieces_shuffled").write_text(f"training shards in {SIZE['TRAIN_SEQ_LEN']}-token pieces, in a random order (seed 0)\n")
     return shards, model
 
 

@@ -169,17 +169,15 @@ def test_record_parity_decodes_a_packed_script_and_refuses_one_its_edits_do_not_
         record_parity.for_cpu(source.replace(".bfloat16()", ""))
 
 
-def test_record_parity_shuffles_whole_documents(tmp_path):
+def test_record_parity_shuffles_a_shard_in_whole_pieces(tmp_path):
     import numpy as np
 
     import record_parity
     sys.path.insert(0, str(REPO / "data"))
     from shards import read_shard, write_shard
-    docs = [np.array([1] + [10 * d + i for i in range(d % 5)], dtype=np.uint16) for d in range(2, 40)]
+    tokens = np.arange(1, 10 * 16 + 5, dtype=np.uint16)  # 10 pieces of 16, and 4 tokens over
     path = tmp_path / "fineweb_train_000000.bin"
-    write_shard(path, np.concatenate(docs))
-    record_parity.shuffle_documents(path)
-    out = read_shard(path)
-    starts = np.flatnonzero(out == 1).tolist() + [len(out)]
-    shuffled = [out[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
-    assert sorted(shuffled) == sorted(d.tolist() for d in docs) and shuffled != [d.tolist() for d in docs]
+    write_shard(path, tokens)
+    record_parity.shuffle_pieces(path, 16)
+    pieces = read_shard(path).reshape(-1, 16).tolist()
+    assert sorted(pieces) == tokens[:160].reshape(-1, 16).tolist() and pieces != sorted(pieces)
