@@ -8,12 +8,13 @@ import sys
 import pytest
 
 import train_gpt
-from conftest import tiny_args
+from conftest import installed_compressors, tiny_args
 
 
 def test_every_compressor_is_told_by_its_magic_and_round_trips():
     data = os.urandom(3000) + bytes(5000)
-    for name, c in train_gpt.COMPRESSORS.items():
+    for name in installed_compressors():
+        c = train_gpt.COMPRESSORS[name]
         packed = c.compress(data)
         assert packed.startswith(c.magic) and len(packed) < len(data), name
         assert train_gpt.compressor_of(packed) is c and train_gpt.decompress(packed) == data
@@ -23,6 +24,7 @@ def test_every_compressor_is_told_by_its_magic_and_round_trips():
 
 
 def test_brotli_streams_in_pieces_of_any_size():
+    pytest.importorskip("brotli")
     data = os.urandom(2000) * 3
     packed = train_gpt.COMPRESSORS["brotli"].compress(data)
     for piece in (1, 3, 1024):

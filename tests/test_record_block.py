@@ -29,7 +29,7 @@ def test_partial_rope_rotates_only_its_dims_by_relative_position():
     torch.manual_seed(0)
     cos, sin = train_gpt.rotary_tables(16, 4, 10000.0, torch.device("cpu"))  # 4 of 8 head dims
     q, k = torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8)
-    rq, rk = train_gpt.apply_rotary(q, cos, sin), train_gpt.apply_rotary(k, cos, sin)
+    rq = train_gpt.apply_rotary(q, cos, sin)
     assert torch.equal(rq[..., 4:], q[..., 4:]) and not torch.allclose(rq[..., :4], q[..., :4])
     # the record's rotation of a pair (x1, x2) = (dim j, dim j + 2): (x1 cos + x2 sin, -x1 sin + x2 cos)
     x1, x2 = q[..., :2], q[..., 2:4]
