@@ -456,6 +456,14 @@ class DistributedTokenLoader:
             local = local.pin_memory()
         return inputs_and_targets(local.to(self.device, non_blocking=True), seq_len)
 
+    # >>> checkpoints
+    def position(self) -> tuple[int, int]:
+        return self.stream.file_idx, self.stream.pos
+
+    def seek(self, position: tuple[int, int]) -> None:
+        self.stream.seek(*position)
+    # <<< checkpoints
+
 
 def inputs_and_targets(tokens: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
     # Targets are the inputs shifted by one; both are contiguous [n, seq_len] views of one span.
@@ -1707,7 +1715,11 @@ class Trainer:
         self.peaks: list[tuple[int, int]] = []  # CUDA's (allocated, reserved) peak bytes of the warmup and each stage
         self.val = Score(float("nan"), float("nan"), {}, None)  # the last validation's
         self.graphs_after_warmup = 0
-        self.loader = DistributedTokenLoader(run.train_files, run.rank, run.world_size, run.device)
+        loader = DistributedTokenLoader
+        # >>> shuffled_data
+        loader = shuffled_loader(self.args, loader)
+        # <<< shuffled_data
+        self.loader = loader(run.train_files, run.rank, run.world_size, run.device)
         self.clock = TrainClock(training_cap_ms(self.args), run.device, run.distributed)
         # >>> ema
         self.ema = EMA(run.base_model, self.args.ema_decay) if self.args.ema_decay > 0 else None
@@ -1819,6 +1831,10 @@ class Trainer:
     def begin_stage(self, stage: Stage) -> None:
         self.stage = stage
         self.row_adam.set_used(self.run.base_model.used_rows(stage.plan))
+        # >>> record_optim
+        if not self.args.adam_row_steps:  # every row steps, used or not
+            self.row_adam.set_used({})
+        # <<< record_optim
         self.log(f"layer_schedule_advance:step:{self.step} active_num_layers:{stage.depth}")
         self.log(str(stage))
 
@@ -2909,7 +2925,11 @@ def record_optim_settings(h: Hyperparameters) -> None:
     # orthogonalizes it (MuonEq-R). Weight decay, decoupled as AdamW's (w <- w (1 - lr wd) before
     # each update, every tensor of the group, used by the plan or not): MUON_WD on the matrices,
     # EMBED_WD on the token embedding, ADAM_WD on the controls; the records' 0.095, 0.085, 0.02.
+    # ADAM_ROW_STEPS=0: the controls' Adam steps every row of a tensor, used by the plan or not, as
+    # torch's AdamW (the records'), so a skip first used at a depth change takes the step of Adam's
+    # run-long count (0.45 lr at first), not a fresh Adam's (lr).
     h.muon_row_normalize = h._get("MUON_ROW_NORMALIZE", False)
+    h.adam_row_steps = h._get("ADAM_ROW_STEPS", True)
     h.muon_wd = h._get("MUON_WD", 0.0, "[0,1)")
     h.embed_wd = h._get("EMBED_WD", 0.0, "[0,1)")
     h.adam_wd = h._get("ADAM_WD", 0.0, "[0,1)")
@@ -2926,6 +2946,71 @@ def decay_weights(optimizers: list[torch.optim.Optimizer]) -> None:
             if group.get("decay"):
                 torch._foreach_mul_(group["params"], 1.0 - group["lr"] * group["decay"])
 # <<< record_optim
+
+
+# >>> shuffled_data: training sequences drawn at random from all the shards (the records' sampling)
+def shuffled_data_settings(h: Hyperparameters) -> None:
+    # TRAIN_SHUFFLE=1: every step's sequences are TRAIN_SEQ_LEN-token windows of the training shards
+    # drawn at random without replacement, a new order and window offset for each pass over the data,
+    # all from SEED (so any world size draws the same sequences). 0 reads the shards in order.
+    h.train_shuffle = h._get("TRAIN_SHUFFLE", False)
+
+
+EXTENSION_SETTINGS.append(shuffled_data_settings)
+
+
+class ShuffledSequences:
+    """The loader of TRAIN_SHUFFLE=1. Pass e over the data cuts every shard into windows of seq_len+1
+    tokens (inputs and their shifted targets) from an offset in [0, seq_len) and draws them in a
+    permutation; both come from (seed, e). A micro-step draws the next n * world_size windows and
+    rank r takes the r-th n of them. Its position is (pass, windows drawn in it)."""
+
+    def __init__(self, files: list[Path], rank: int, world_size: int, device: torch.device, seq_len: int, seed: int):
+        self.rank, self.world_size, self.device, self.seq_len, self.seed = rank, world_size, device, seq_len, seed
+        self.shards = [np.memmap(f, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(shard_token_count(f),))
+                       for f in files]
+        if max(len(s) for s in self.shards) < 2 * seq_len:  # a window at every offset
+            raise RunError(f"TRAIN_SHUFFLE=1 needs a training shard of at least 2 * TRAIN_SEQ_LEN = {2 * seq_len} tokens")
+        self.seek((0, 0))
+
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.drawn
+
+    def seek(self, position: tuple[int, int]) -> None:
+        self.epoch, self.drawn = position
+        rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch]))
+        self.offset = int(rng.integers(self.seq_len))
+        counts = np.array([max(0, (len(s) - 1 - self.offset) // self.seq_len) for s in self.shards])
+        self.firsts = np.cumsum(counts) - counts  # each shard's first window
+        self.order = rng.permutation(int(counts.sum()))
+
+    def draw(self, n: int) -> np.ndarray:
+        ids = []
+        while n > 0:
+            if self.drawn == len(self.order):
+                self.seek((self.epoch + 1, 0))
+            k = min(n, len(self.order) - self.drawn)
+            ids.append(self.order[self.drawn : self.drawn + k])
+            self.drawn, n = self.drawn + k, n - k
+        return np.concatenate(ids)
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        n = local_tokens // seq_len
+        ids = self.draw(n * self.world_size)[self.rank * n : (self.rank + 1) * n]
+        shard = np.searchsorted(self.firsts, ids, side="right") - 1
+        starts = self.offset + (ids - self.firsts[shard]) * self.seq_len
+        windows = torch.from_numpy(np.stack([self.shards[s][a : a + self.seq_len + 1] for s, a in zip(shard, starts)])
+                                   .astype(np.int64))
+        if self.device.type == "cuda":
+            windows = windows.pin_memory()
+        windows = windows.to(self.device, non_blocking=True)
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def shuffled_loader(args: Hyperparameters, ordered: Callable) -> Callable:
+    """The training loader's class: ShuffledSequences at this run's length and seed, or `ordered`."""
+    return functools.partial(ShuffledSequences, seq_len=args.train_seq_len, seed=args.seed) if args.train_shuffle else ordered
+# <<< shuffled_data
 
 
 # >>> compressors: zstd (level 22), lzma (preset 9e) and brotli (quality 11), beside the core's zlib
@@ -3031,8 +3116,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 TRAINER_STATE["rng"] = (lambda trainer: rng_state(trainer.run.device), lambda trainer, state: set_rng_state(state, trainer.run.device))
-TRAINER_STATE["loader"] = (lambda trainer: (trainer.loader.stream.file_idx, trainer.loader.stream.pos),
-                           lambda trainer, position: trainer.loader.stream.seek(*position))
+TRAINER_STATE["loader"] = (lambda trainer: trainer.loader.position(), lambda trainer, position: trainer.loader.seek(position))
 
 
 CHECKPOINT_FORMAT = "checkpoint_v3"

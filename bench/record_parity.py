@@ -12,15 +12,12 @@ for `flash_attn_interface` (SDPA on the same layout) and a few textual edits for
 CUDA, each of which must match (see PATCHES): the device is the CPU, compilation is off, and the
 model runs in fp32 (the record casts it to bf16, which a CPU runs far slower), as does ours here.
 Both sides train ITERATIONS steps with no wallclock cap, so the loop starts and the warmdown runs
-at the same fractions of the run on both (35%, the last 72%). The record draws its training
-sequences at random from the whole set; ours reads the shards in order, and at 8,192 tokens a step
-a step's sequences then come from one or two documents of a corpus stored in topic order. That
-alone cost ours 0.25 bpb against the record at seed 1337 (2.396 vs 2.146; with the documents in a
-random order, still 2.311 vs 2.136). So the training shard is cut into TRAIN_SEQ_LEN-token pieces
-put in a random order once (seed 0), for both sides: reading it in order is drawing sequences at
-random, as the record does (both then see sequences that join two pieces). What still differs:
-the record's compressor (brotli here, ours zstd). Runs are kept under --out and reused: an
-interrupted benchmark continues.
+at the same fractions of the run on both (35%, the last 72%). Both draw their training sequences at
+random from the local shards as built (stored by topic): the record with its per-rank sampler, ours
+with TRAIN_SHUFFLE=1 (configs/looped_record.env). The record runs at its published QK_GAIN_INIT=5.25.
+What still differs: the record's compressor (brotli here, ours zstd), the sequences each draws, and
+GPTQ's calibration tokens (the record's are drawn at random, ours are the stream's first). Runs
+are kept under --out and reused: an interrupted benchmark continues.
 """
 from __future__ import annotations
 
@@ -36,8 +33,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 RECORD_ENV = REPO / "configs" / "looped_record.env"
 # The tiny size both sides run at (each side's names): width 192 (the MLP's matrices are large
@@ -48,7 +43,7 @@ SIZE = {"MODEL_DIM": "192", "NUM_HEADS": "3", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LE
         "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "64", "EMA_DECAY": "0.9"}  # the record's 0.9965 is a 285-step horizon
 OURS = {"TTT_ENABLED": "0", "VAL_BATCH_SIZE": "65536", "GPTQ_CALIB_SEQS": "16", "GPTQ_RESERVE_SECONDS": "0", "TORCH_COMPILE": "0"}
 THEIRS = {"EMBEDDING_DIM": SIZE["MODEL_DIM"], "VAL_BATCH_TOKENS": "65536", "GPTQ_CALIBRATION_BATCHES": "2", "GPTQ_RESERVE_SECONDS": "0",
-          "ROPE_TRAIN_SEQ_LEN": "128", "TTT_ENABLED": "0"}
+          "ROPE_TRAIN_SEQ_LEN": "128", "TTT_ENABLED": "0", "QK_GAIN_INIT": "5.25"}  # its run command's gain
 # Textual edits of the decoded record script: (what, pattern, replacement); each must match.
 PATCHES = [
     ("the CPU instead of CUDA", r"torch\.device\('cuda',\s*(?:h\.)?local_rank\)", "torch.device('cpu')"),
@@ -103,26 +98,15 @@ def for_cpu(source: str) -> str:
     return PRELUDE + source
 
 
-def shuffle_pieces(path: Path, piece: int, seed: int = 0) -> None:
-    """Rewrite a shard as its `piece`-token pieces in a random order (a last partial piece dropped)."""
-    sys.path.insert(0, str(REPO / "data"))
-    from shards import read_shard, write_shard
-    tokens = read_shard(path)
-    pieces = tokens[: len(tokens) // piece * piece].reshape(-1, piece)
-    write_shard(path, pieces[np.random.default_rng(seed).permutation(len(pieces))].reshape(-1))
-
-
 def local_data(out: Path, vocab: int) -> tuple[Path, Path]:
     """A local dataset in the layout both scripts read: DATA_DIR/datasets/fineweb10B_sp{vocab} and
-    DATA_DIR/tokenizers/fineweb_{vocab}_bpe.model, its training tokens in shuffled pieces."""
+    DATA_DIR/tokenizers/fineweb_{vocab}_bpe.model."""
     shards, model = out / "datasets" / f"fineweb10B_sp{vocab}", out / "tokenizers" / f"fineweb_{vocab}_bpe.model"
-    if not (shards / "pieces_shuffled").is_file():
+    if not (shards / "built").is_file():
         model.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, str(REPO / "data" / "build_local_dataset.py"), "--vocab-size", str(vocab),
                         "--output-dir", str(shards), "--tokenizer-out", str(model), "--force"], check=True)
-        for path in sorted(shards.glob("fineweb_train_*.bin")):
-            shuffle_pieces(path, int(SIZE["TRAIN_SEQ_LEN"]))
-        (shards / "pieces_shuffled").write_text(f"training shards in {SIZE['TRAIN_SEQ_LEN']}-token pieces, in a random order (seed 0)\n")
+        (shards / "built").write_text("the local corpus as data/build_local_dataset.py builds it\n")
     return shards, model
 
 
@@ -152,7 +136,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--set", default="", help="more overrides for both sides, e.g. 'NUM_LOOPS=...' (shell words)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench_runs" / "parity")
+    parser.add_argument("--out", type=Path, default=REPO / "bench_runs" / "record_parity")
     args = parser.parse_args()
     if not args.record.is_file():
         raise SystemExit(f"error: --record {args.record} does not exist")

@@ -167,17 +167,3 @@ def test_record_parity_decodes_a_packed_script_and_refuses_one_its_edits_do_not_
     compile(cpu, "record_cpu.py", "exec")
     with pytest.raises(SystemExit, match="no match for fp32 weights"):
         record_parity.for_cpu(source.replace(".bfloat16()", ""))
-
-
-def test_record_parity_shuffles_a_shard_in_whole_pieces(tmp_path):
-    import numpy as np
-
-    import record_parity
-    sys.path.insert(0, str(REPO / "data"))
-    from shards import read_shard, write_shard
-    tokens = np.arange(1, 10 * 16 + 5, dtype=np.uint16)  # 10 pieces of 16, and 4 tokens over
-    path = tmp_path / "fineweb_train_000000.bin"
-    write_shard(path, tokens)
-    record_parity.shuffle_pieces(path, 16)
-    pieces = read_shard(path).reshape(-1, 16).tolist()
-    assert sorted(pieces) == tokens[:160].reshape(-1, 16).tolist() and pieces != sorted(pieces)

@@ -107,11 +107,11 @@ def final_weights(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(tmp_path, dataset):
-    # Noise QAT on a wide MLP (RNG), EMA, a depth change after the checkpoint and a step-based
-    # warmdown across it: all of it must continue exactly.
+    # Noise QAT on a wide MLP (RNG), EMA, a depth change after the checkpoint, a step-based warmdown
+    # across it and shuffled training sequences: all of it must continue exactly.
     env = {**dataset, **RUN, "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "ITERATIONS": "10", "VAL_LOSS_EVERY": "5",
            "NUM_LAYER_SCHEDULE": "0:1,6:2", "MODEL_DIM": "128", "MLP_MULT": "5", "MLP_LAYERS": "2", "EMA_DECAY": "0.8",
-           "WARMDOWN_START_STEP": "3", "MIN_LR_FRAC": "0.1", "UNET_SKIPS": "1", "BIGRAM_TABLE_SIZE": "64", "RUN_ID": "r"}
+           "WARMDOWN_START_STEP": "3", "MIN_LR_FRAC": "0.1", "UNET_SKIPS": "1", "BIGRAM_TABLE_SIZE": "64", "TRAIN_SHUFFLE": "1", "RUN_ID": "r"}
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     straight.mkdir()
     crashed.mkdir()

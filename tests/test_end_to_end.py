@@ -218,7 +218,8 @@ SYSTEM_SETTINGS = {"hash_embed": {"BIGRAM_TABLE_SIZE": "64"}, "seed_lora": {"SEE
                    "unet": {"UNET_SKIPS": "1"}, "warmdown_steps": {"WARMDOWN_FRAC": "0.5"}, "gptq": {"QUANT_METHOD": "gptq"},
                    "size_guard": {"SIZE_CHECK": "warn"}, "input_checks": {},
                    "record_block": {"XSA_LAST_N": "1", "LN_SCALE": "1", "MLP_NEGATIVE_SLOPE": "0.5"},
-                   "record_optim": {"MUON_ROW_NORMALIZE": "1", "MUON_WD": "0.1"}, "compressors": {}}
+                   "record_optim": {"MUON_ROW_NORMALIZE": "1", "MUON_WD": "0.1"}, "compressors": {},
+                   "shuffled_data": {"TRAIN_SHUFFLE": "1"}}
 
 
 def test_every_system_strips_alone_to_a_script_that_builds_its_model(tmp_path):

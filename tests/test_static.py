@@ -32,6 +32,7 @@ WORDS = {
     "record_block": r"record_block|\bXSA\b|[Ll]eaky|ROPE_DIMS|LN_SCALE|PARALLEL_RESIDUAL|ORTHO_INIT|GPT-J",
     "record_optim": r"record_optim|MuonEq|row_normalize|decay_weights|weight decay",
     "seed_lora": r"Seed-LoRA|seed_lora|regenerat",
+    "shuffled_data": r"TRAIN_SHUFFLE|ShuffledSequences|shuffled_loader",
     "size_guard": r"size_guard|size estimate",
     "ttt": r"\bTTT|test-time|ttt_|add_lora|adapters=",
     "unet": r"U-Net|skip.weight|\bpush\b|\bpop\b|>skip",
