@@ -3029,15 +3029,23 @@ BROTLI_MAGIC = b"BRO1"  # brotli streams have no magic bytes of their own: the a
 
 
 class BrotliStream:
-    """brotli's streaming decompressor behind zlib's interface, past BROTLI_MAGIC."""
+    """brotli's streaming decompressor behind zlib's interface, past BROTLI_MAGIC. A few bytes of
+    brotli can stand for a GiB, so it inflates in pieces of a few MiB and refuses a stream past MAX_BYTES."""
+    MAX_BYTES = 1 << 30
 
     def __init__(self):
         import brotli
-        self.d, self.skip = brotli.Decompressor(), len(BROTLI_MAGIC)
+        self.d, self.skip, self.size = brotli.Decompressor(), len(BROTLI_MAGIC), 0
 
     def decompress(self, data: bytes) -> bytes:
         data, self.skip = data[self.skip :], max(self.skip - len(data), 0)
-        return self.d.process(data)
+        pieces = [self.d.process(data, output_buffer_limit=1 << 20)]
+        while pieces[-1]:  # then what the input holds, a piece at a time, until it needs more
+            self.size += len(pieces[-1])
+            if self.size > self.MAX_BYTES:
+                raise RunError(f"a brotli stream that inflates past {self.MAX_BYTES} bytes")
+            pieces.append(self.d.process(b"", output_buffer_limit=1 << 20))
+        return b"".join(pieces)
 
     @property
     def eof(self) -> bool:

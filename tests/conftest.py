@@ -38,12 +38,6 @@ sys.modules["submission"] = submission  # dataclasses look their module up by na
 _spec.loader.exec_module(submission)
 
 
-def installed_compressors() -> list[str]:
-    """The registered compressors whose package this machine has (brotli is optional)."""
-    needs = {"zstd": "zstandard", "brotli": "brotli"}
-    return [name for name in train_gpt.COMPRESSORS if name not in needs or importlib.util.find_spec(needs[name])]
-
-
 def tiny_args(**overrides: str) -> train_gpt.Hyperparameters:
     args = train_gpt.Hyperparameters({**TINY, **overrides})
     args.validate()
